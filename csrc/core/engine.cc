@@ -1,0 +1,80 @@
+#include "core/engine.h"
+
+#include <future>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace mlxdist {
+
+std::string Group::label() const {
+  std::ostringstream os;
+  os << backend() << " group " << std::hex << (id() & 0xffffff) << std::dec << " (rank " << rank()
+     << " of " << size() << ")";
+  return os.str();
+}
+
+Engine::Engine(std::shared_ptr<Group> group)
+    : group_(std::move(group)), thread_([this] { loop(); }) {}
+
+Engine::~Engine() { shutdown(); }
+
+void Engine::post(std::string what, std::function<void(Group&)> work, Done done) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_) {
+      queue_.push_back(Task{std::move(what), std::move(work), std::move(done)});
+      cv_.notify_one();
+      return;
+    }
+  }
+  done(what + " on " + group_->label() + ": the group is closed");
+}
+
+void Engine::run_sync(std::string what, std::function<void(Group&)> work) {
+  std::promise<std::string> result;
+  auto fut = result.get_future();
+  post(std::move(what), std::move(work), [&result](const std::string& e) { result.set_value(e); });
+  std::string err = fut.get();
+  if (!err.empty()) throw DistError(err);
+}
+
+void Engine::shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+    cv_.notify_one();
+  }
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+}
+
+void Engine::loop() {
+  for (;;) {
+    Task task;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) break;  // stopping and drained
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    std::string error;
+    if (!failure_.empty()) {
+      error = task.what + " on " + group_->label() +
+              ": the group is unusable after an earlier error: " + failure_;
+    } else {
+      try {
+        task.work(*group_);
+      } catch (const std::exception& e) {
+        error = task.what + " on " + group_->label() + ": " + e.what();
+        failure_ = error;
+        group_->abort();
+      }
+    }
+    task.done(error);
+  }
+  group_->abort();
+}
+
+}  // namespace mlxdist

@@ -1,0 +1,54 @@
+// One engine per group: a persistent thread that runs the group's posted operations in order
+// and completes their callbacks. FFI handlers post and return at once, so XLA threads never
+// block on the network. After a failure the group is poisoned: its connections are dropped
+// (peers then fail fast) and later operations fail with the original error.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "core/group.h"
+
+namespace mlxdist {
+
+class Engine {
+ public:
+  // Called on the engine thread with "" on success or the error text.
+  using Done = std::function<void(const std::string& error)>;
+
+  explicit Engine(std::shared_ptr<Group> group);
+  ~Engine();  // drains queued work, then joins the thread
+
+  Group& group() { return *group_; }
+  std::shared_ptr<Group> group_ptr() { return group_; }
+
+  // what names the op for error messages ("all_sum"); work runs on the engine thread.
+  void post(std::string what, std::function<void(Group&)> work, Done done);
+  // post() and wait; rethrows the error as DistError.
+  void run_sync(std::string what, std::function<void(Group&)> work);
+  // Waits for queued work, then stops the thread; later posts fail.
+  void shutdown();
+
+ private:
+  struct Task {
+    std::string what;
+    std::function<void(Group&)> work;
+    Done done;
+  };
+  void loop();
+
+  std::shared_ptr<Group> group_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Task> queue_;
+  bool stopping_ = false;
+  std::string failure_;  // engine thread only
+  std::thread thread_;
+};
+
+}  // namespace mlxdist

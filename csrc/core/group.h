@@ -1,0 +1,43 @@
+// A communicator: a fixed set of ranks that run collectives together. Backends implement it;
+// the engine calls it from one thread per group, so implementations need no locking.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace mlxdist {
+
+class Group {
+ public:
+  virtual ~Group() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual uint64_t id() const = 0;
+  virtual const char* backend() const = 0;
+
+  // count elements of dtype t in and out (in != out).
+  virtual void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                          uint64_t shape_hash) = 0;
+  // in: count elements; out: size() * count elements, rank-major.
+  virtual void all_gather(const void* in, void* out, size_t count, DType t,
+                          uint64_t shape_hash) = 0;
+  // in: size() * count elements; out: this rank's count-element block of the reduction.
+  virtual void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                              uint64_t shape_hash) = 0;
+  virtual void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash) = 0;
+  virtual void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash) = 0;
+  virtual void barrier() = 0;
+  // Collective over this group; ranks of one color form a new group ordered by (key, rank).
+  virtual std::shared_ptr<Group> split(int color, int key) = 0;
+  // Drop all connections (peers then fail fast instead of waiting for the timeout).
+  virtual void abort() = 0;
+
+  // "group 1a2b (rank 0 of 4)" for messages.
+  std::string label() const;
+};
+
+}  // namespace mlxdist

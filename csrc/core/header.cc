@@ -1,0 +1,39 @@
+#include "core/header.h"
+
+#include <sstream>
+
+#include "core/error.h"
+
+namespace mlxdist {
+
+std::string describe(const Header& h) {
+  std::ostringstream os;
+  switch (h.op) {
+    case OpCode::kAllReduce: os << "all_" << reduce_name(h.reduce); break;
+    case OpCode::kAllGather: os << "all_gather"; break;
+    case OpCode::kReduceScatter: os << (h.reduce == ReduceOp::kSum ? "sum_scatter" : "reduce_scatter"); break;
+    case OpCode::kSend: os << "send/recv"; break;
+    case OpCode::kBarrier: os << "barrier"; break;
+    case OpCode::kSplit: os << "split"; break;
+    default: os << "op#" << int(h.op);
+  }
+  os << "(" << dtype_name(h.dtype) << ", " << h.nbytes << " bytes, shape#" << std::hex
+     << (h.shape_hash & 0xffff) << std::dec << ", call #" << h.seq << ")";
+  return os.str();
+}
+
+void check_header(const Header& mine, const Header& theirs, const std::string& me,
+                  const std::string& peer) {
+  if (theirs.magic != kHeaderMagic)
+    fail("received bytes that are not a jax_mlxdist message from ", peer,
+         " (stream out of step after an earlier error, or a foreign peer)");
+  if (theirs.group != mine.group)
+    fail("group mismatch: ", me, " is in group ", std::hex, mine.group, " but ", peer,
+         " sent a message for group ", theirs.group);
+  if (theirs.op != mine.op || theirs.dtype != mine.dtype || theirs.reduce != mine.reduce ||
+      theirs.seq != mine.seq || theirs.nbytes != mine.nbytes || theirs.shape_hash != mine.shape_hash)
+    fail("collective mismatch: ", me, " called ", describe(mine), " but ", peer, " called ",
+         describe(theirs));
+}
+
+}  // namespace mlxdist

@@ -1,0 +1,40 @@
+// The header every message carries. Each side compares the header it receives with the one it
+// expects, so ranks that call different collectives, shapes or dtypes fail fast with both sides
+// named instead of exchanging wrong bytes or waiting forever.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace mlxdist {
+
+enum class OpCode : uint8_t {
+  kAllReduce = 1, kAllGather, kReduceScatter, kSend, kBarrier, kSplit
+};
+
+constexpr uint32_t kHeaderMagic = 0x4d4c5844;  // "MLXD"
+
+// Host byte order: the ranks of one job share an architecture.
+struct Header {
+  uint32_t magic = kHeaderMagic;
+  OpCode op = OpCode::kAllReduce;
+  DType dtype = DType::kUInt8;
+  ReduceOp reduce = ReduceOp::kSum;
+  uint8_t reserved = 0;
+  uint64_t group = 0;
+  uint64_t seq = 0;         // per-group collective counter, or per-peer counter for send/recv
+  uint64_t nbytes = 0;      // this rank's input bytes
+  uint64_t shape_hash = 0;  // hash of the input shape, so equal byte counts of other shapes differ
+};
+static_assert(sizeof(Header) == 40, "header layout is part of the wire format");
+
+// "all_sum(float32, 64 bytes, #3)": the op as a user would name it.
+std::string describe(const Header& h);
+
+// Throws DistError naming this rank's call and the peer's when they differ.
+void check_header(const Header& mine, const Header& theirs, const std::string& me,
+                  const std::string& peer);
+
+}  // namespace mlxdist

@@ -1,0 +1,43 @@
+// What algorithms ask of a transport: move byte segments to and from peers. Algorithms never
+// see sockets; transports never see dtypes or headers.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace mlxdist {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = Clock::time_point;
+
+struct Segment {
+  void* data;                    // source for sends, destination for receives
+  size_t len;
+  std::function<void()> on_done;  // receives only: runs when the segment has arrived (may throw)
+};
+
+// A byte stream to or from one peer on one of its links. Transfers on the same (peer, link,
+// direction) run in the order given, so both sides can agree on the byte order of a stream.
+struct Transfer {
+  int peer;
+  int link;
+  bool is_send;
+  std::vector<Segment> segments;
+};
+
+class Links {
+ public:
+  virtual ~Links() = default;
+  virtual int links_per_peer() const = 0;
+  // Progress all transfers concurrently until done; throws DistError on a closed connection,
+  // an error from a segment callback, or the deadline.
+  virtual void run(std::vector<Transfer>& transfers, Deadline deadline) = 0;
+  // "rank 3 (10.0.0.2:5000)", for error messages.
+  virtual std::string describe_peer(int peer) const = 0;
+  virtual void close() = 0;
+};
+
+}  // namespace mlxdist

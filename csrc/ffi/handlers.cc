@@ -1,0 +1,183 @@
+#include "ffi/handlers.h"
+
+#include <functional>
+
+#include "core/dtype.h"
+#include "core/registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace mlxdist::ffi_handlers {
+namespace {
+
+// Python recognises failures by this prefix and raises DistributedError.
+constexpr const char* kPrefix = "DistributedError: ";
+
+DType to_dtype(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::PRED: return DType::kBool;
+    case ffi::DataType::S8: return DType::kInt8;
+    case ffi::DataType::S16: return DType::kInt16;
+    case ffi::DataType::S32: return DType::kInt32;
+    case ffi::DataType::S64: return DType::kInt64;
+    case ffi::DataType::U8: return DType::kUInt8;
+    case ffi::DataType::U16: return DType::kUInt16;
+    case ffi::DataType::U32: return DType::kUInt32;
+    case ffi::DataType::U64: return DType::kUInt64;
+    case ffi::DataType::F16: return DType::kFloat16;
+    case ffi::DataType::BF16: return DType::kBFloat16;
+    case ffi::DataType::F32: return DType::kFloat32;
+    case ffi::DataType::F64: return DType::kFloat64;
+    case ffi::DataType::C64: return DType::kComplex64;
+    default: return DType::kCount;
+  }
+}
+
+uint64_t shape_hash(ffi::Span<const int64_t> dims) {
+  uint64_t h = 0xcbf29ce484222325ull ^ dims.size();  // FNV-1a over rank and extents
+  for (int64_t d : dims) h = (h ^ uint64_t(d)) * 0x100000001b3ull;
+  return h;
+}
+
+ffi::Future failed(const std::string& why) {
+  ffi::Promise p;
+  ffi::Future f(p);
+  p.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument, kPrefix + why));
+  return f;
+}
+
+ffi::Future post(int64_t group, std::string what, std::function<void(Group&)> work) {
+  auto engine = find_engine(group);
+  if (!engine) return failed(what + ": the group is closed or was never initialised");
+  ffi::Promise p;
+  ffi::Future f(p);
+  engine->post(std::move(what), std::move(work), [p](const std::string& err) mutable {
+    if (err.empty())
+      p.SetAvailable();
+    else
+      p.SetError(ffi::Error(ffi::ErrorCode::kInternal, kPrefix + err));
+  });
+  return f;
+}
+
+std::string reduce_op_name(int64_t reduce) {
+  return std::string("all_") + reduce_name(ReduceOp(reduce));
+}
+
+ffi::Future AllReduce(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                      ffi::Result<ffi::Token>, int64_t group, int64_t reduce) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return failed(reduce_op_name(reduce) + ": unsupported dtype");
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  size_t count = x.element_count();
+  uint64_t h = shape_hash(x.dimensions());
+  return post(group, reduce_op_name(reduce), [=](Group& g) {
+    g.all_reduce(in, out, count, t, ReduceOp(reduce), h);
+  });
+}
+
+ffi::Future AllGather(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                      ffi::Result<ffi::Token>, int64_t group) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return failed("all_gather: unsupported dtype");
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  size_t count = x.element_count();
+  uint64_t h = shape_hash(x.dimensions());
+  return post(group, "all_gather", [=](Group& g) { g.all_gather(in, out, count, t, h); });
+}
+
+ffi::Future SumScatter(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::Token>, int64_t group) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return failed("sum_scatter: unsupported dtype");
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  size_t count = y->element_count();
+  uint64_t h = shape_hash(x.dimensions());
+  return post(group, "sum_scatter", [=](Group& g) {
+    g.reduce_scatter(in, out, count, t, ReduceOp::kSum, h);
+  });
+}
+
+// The output aliases x: send hands back its input so it stays in the graph.
+ffi::Future Send(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer>, ffi::Result<ffi::Token>,
+                 int64_t group, int64_t dst) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return failed("send: unsupported dtype");
+  const void* in = x.untyped_data();
+  size_t count = x.element_count();
+  uint64_t h = shape_hash(x.dimensions());
+  return post(group, "send to rank " + std::to_string(dst),
+              [=](Group& g) { g.send(in, count, t, int(dst), h); });
+}
+
+ffi::Future Recv(ffi::Token, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Token>, int64_t group,
+                 int64_t src) {
+  DType t = to_dtype(y->element_type());
+  if (t == DType::kCount) return failed("recv: unsupported dtype");
+  void* out = y->untyped_data();
+  size_t count = y->element_count();
+  uint64_t h = shape_hash(y->dimensions());
+  return post(group, "recv from rank " + std::to_string(src),
+              [=](Group& g) { g.recv(out, count, t, int(src), h); });
+}
+
+ffi::Future Barrier(ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
+  return post(group, "barrier", [](Group& g) { g.barrier(); });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllReduce, AllReduce,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("reduce"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllGather, AllGather,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSumScatter, SumScatter,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSend, Send,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("dst"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kRecv, Recv,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("src"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kBarrier, Barrier,
+                              ffi::Ffi::Bind().Arg<ffi::Token>().Ret<ffi::Token>().Attr<int64_t>("group"));
+
+std::vector<std::pair<std::string, void*>> cpu_targets() {
+  return {{"mlxdist_all_reduce", reinterpret_cast<void*>(kAllReduce)},
+          {"mlxdist_all_gather", reinterpret_cast<void*>(kAllGather)},
+          {"mlxdist_sum_scatter", reinterpret_cast<void*>(kSumScatter)},
+          {"mlxdist_send", reinterpret_cast<void*>(kSend)},
+          {"mlxdist_recv", reinterpret_cast<void*>(kRecv)},
+          {"mlxdist_barrier", reinterpret_cast<void*>(kBarrier)}};
+}
+
+}  // namespace mlxdist::ffi_handlers

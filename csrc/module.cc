@@ -1,0 +1,71 @@
+// The extension module: group management for Python, and the FFI targets XLA calls.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "core/error.h"
+#include "core/registry.h"
+#include "ffi/handlers.h"
+#include "ring/ring_group.h"
+
+namespace nb = nanobind;
+using namespace mlxdist;
+
+namespace {
+
+std::shared_ptr<Engine> engine_or_throw(int64_t handle) {
+  auto e = find_engine(handle);
+  if (!e) throw DistError("the group is closed");
+  return e;
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  nb::exception<DistError>(m, "DistError");
+
+  m.def(
+      "init_ring",
+      [](int rank, const std::vector<std::vector<std::string>>& hostfile,
+         const std::vector<int>& listen_fds, double timeout, bool verbose) {
+        ring::Options opts;
+        opts.timeout_s = timeout;
+        opts.verbose = verbose;
+        std::shared_ptr<Group> g;
+        {
+          nb::gil_scoped_release release;
+          g = ring::make_world(rank, hostfile, listen_fds, opts);
+        }
+        return add_group(std::move(g));
+      },
+      nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
+      nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
+
+  m.def("group_info", [](int64_t handle) {
+    auto e = engine_or_throw(handle);
+    return std::make_tuple(e->group().rank(), e->group().size());
+  });
+
+  m.def("split", [](int64_t handle, int color, int key) {
+    auto e = engine_or_throw(handle);
+    std::shared_ptr<Group> child;
+    {
+      nb::gil_scoped_release release;
+      e->run_sync("split", [&](Group& g) { child = g.split(color, key); });
+    }
+    return add_group(std::move(child));
+  });
+
+  m.def("close_group", [](int64_t handle) {
+    nb::gil_scoped_release release;
+    remove_group(handle);
+  });
+
+  m.def("ffi_targets", [] {
+    nb::dict d;
+    for (auto& [name, fn] : ffi_handlers::cpu_targets()) d[name.c_str()] = nb::capsule(fn);
+    return d;
+  });
+}

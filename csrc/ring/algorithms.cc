@@ -1,0 +1,136 @@
+#include "ring/algorithms.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace mlxdist::ring {
+namespace {
+
+int mod(int a, int n) { return ((a % n) + n) % n; }
+
+// Payload bytes per frame, a whole number of elements so chunks can be reduced as they land.
+size_t frame_bytes(const Context& ctx, size_t esize) {
+  return std::max<size_t>(1, ctx.chunk_bytes / esize) * esize;
+}
+
+void add_send(std::vector<Transfer>& ts, Context& ctx, int peer, int link, const char* data,
+              size_t bytes, size_t chunk) {
+  Transfer t{peer, link, true, {}};
+  size_t frames = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;  // empty ops still send a header
+  for (size_t f = 0; f < frames; ++f) {
+    size_t off = f * chunk;
+    t.segments.push_back(Segment{&ctx.header, sizeof(Header), nullptr});
+    t.segments.push_back(Segment{const_cast<char*>(data) + off, std::min(chunk, bytes - off), nullptr});
+  }
+  ts.push_back(std::move(t));
+}
+
+using OnChunk = std::function<void(char* data, size_t len)>;
+
+// hdr receives each frame's header; it is checked before the payload is read.
+void add_recv(std::vector<Transfer>& ts, Context& ctx, int peer, int link, char* dst, size_t bytes,
+              size_t chunk, Header* hdr, const OnChunk& on_chunk) {
+  Transfer t{peer, link, false, {}};
+  std::string peer_name = ctx.links.describe_peer(peer);
+  auto check = [&ctx, hdr, peer_name] { check_header(ctx.header, *hdr, ctx.me, peer_name); };
+  size_t frames = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;
+  for (size_t f = 0; f < frames; ++f) {
+    size_t off = f * chunk, len = std::min(chunk, bytes - off);
+    t.segments.push_back(Segment{hdr, sizeof(Header), check});
+    std::function<void()> done;
+    if (on_chunk) done = [on_chunk, p = dst + off, len] { on_chunk(p, len); };
+    t.segments.push_back(Segment{dst + off, len, std::move(done)});
+  }
+  ts.push_back(std::move(t));
+}
+
+}  // namespace
+
+Layout Layout::split_halves(size_t count, int nblocks) {
+  Layout l;
+  size_t first = (count + 1) / 2;
+  for (int d = 0; d < 2; ++d) {
+    size_t base = d == 0 ? 0 : first, len = d == 0 ? first : count - first;
+    for (int i = 0; i < nblocks; ++i) {
+      size_t c = len / nblocks + (size_t(i) < len % nblocks ? 1 : 0);
+      l.off[d].push_back(base);
+      l.cnt[d].push_back(c);
+      base += c;
+    }
+  }
+  return l;
+}
+
+Layout Layout::blocks_of(size_t block_count, int nblocks) {
+  Layout l;
+  size_t first = (block_count + 1) / 2;
+  for (int i = 0; i < nblocks; ++i) {
+    l.off[0].push_back(i * block_count);
+    l.cnt[0].push_back(first);
+    l.off[1].push_back(i * block_count + first);
+    l.cnt[1].push_back(block_count - first);
+  }
+  return l;
+}
+
+// Direction d sends to rank + sign and receives from rank - sign. At step s it passes on the
+// partial sum of block rank - sign*(s+1) and folds in block rank - sign*(s+2), so after
+// size-1 steps this rank holds the full reduction of its own block.
+void reduce_scatter(Context& ctx, char* work, DType wire, ReduceOp op, const Layout& layout,
+                    std::vector<char>& scratch) {
+  const int n = ctx.size, r = ctx.rank;
+  const size_t es = dtype_size(wire), chunk = frame_bytes(ctx, es);
+  size_t region = 0;
+  for (int d = 0; d < 2; ++d)
+    for (size_t c : layout.cnt[d]) region = std::max(region, c * es);
+  if (scratch.size() < 2 * region) scratch.resize(2 * region);
+  Header hdr[2];
+  std::vector<Transfer> ts;
+  for (int s = 0; s + 1 < n; ++s) {
+    ts.clear();
+    for (int d = 0; d < 2; ++d) {
+      const int sign = d == 0 ? 1 : -1;
+      const int sb = mod(r - sign * (s + 1), n), rb = mod(r - sign * (s + 2), n);
+      add_send(ts, ctx, mod(r + sign, n), d, work + layout.off[d][sb] * es, layout.cnt[d][sb] * es, chunk);
+      char* region_start = scratch.data() + d * region;
+      char* acc = work + layout.off[d][rb] * es;
+      add_recv(ts, ctx, mod(r - sign, n), d, region_start, layout.cnt[d][rb] * es, chunk, &hdr[d],
+               [=](char* p, size_t len) { reduce_into(acc + (p - region_start), p, len / es, wire, op); });
+    }
+    ctx.links.run(ts, ctx.deadline);
+  }
+}
+
+// Direction d forwards block rank - sign*s and receives block rank - sign*(s+1).
+void all_gather(Context& ctx, char* buf, size_t es, const Layout& layout) {
+  const int n = ctx.size, r = ctx.rank;
+  const size_t chunk = frame_bytes(ctx, es);
+  Header hdr[2];
+  std::vector<Transfer> ts;
+  for (int s = 0; s + 1 < n; ++s) {
+    ts.clear();
+    for (int d = 0; d < 2; ++d) {
+      const int sign = d == 0 ? 1 : -1;
+      const int sb = mod(r - sign * s, n), rb = mod(r - sign * (s + 1), n);
+      add_send(ts, ctx, mod(r + sign, n), d, buf + layout.off[d][sb] * es, layout.cnt[d][sb] * es, chunk);
+      add_recv(ts, ctx, mod(r - sign, n), d, buf + layout.off[d][rb] * es, layout.cnt[d][rb] * es,
+               chunk, &hdr[d], nullptr);
+    }
+    ctx.links.run(ts, ctx.deadline);
+  }
+}
+
+void send(Context& ctx, const void* buf, size_t bytes, int dst) {
+  std::vector<Transfer> ts;
+  add_send(ts, ctx, dst, 0, static_cast<const char*>(buf), bytes, std::max<size_t>(bytes, 1));
+  ctx.links.run(ts, ctx.deadline);
+}
+
+void recv(Context& ctx, void* buf, size_t bytes, int src) {
+  std::vector<Transfer> ts;
+  Header hdr;
+  add_recv(ts, ctx, src, 0, static_cast<char*>(buf), bytes, std::max<size_t>(bytes, 1), &hdr, nullptr);
+  ctx.links.run(ts, ctx.deadline);
+}
+
+}  // namespace mlxdist::ring

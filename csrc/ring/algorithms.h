@@ -1,0 +1,44 @@
+// Ring algorithms over a Links transport. Every buffer is split in two halves that travel the
+// ring in opposite directions at once, each in chunks; every chunk is framed by the op header,
+// which the receiver checks before touching the payload.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "core/header.h"
+#include "core/transfer.h"
+
+namespace mlxdist::ring {
+
+struct Context {
+  Links& links;
+  int rank;
+  int size;
+  Header header;       // the op's header, sent with every chunk and expected in every chunk
+  Deadline deadline;
+  std::string me;      // "rank 0 of <group>" for messages
+  size_t chunk_bytes;  // payload per frame
+};
+
+// Element ranges per direction (0: to rank+1, 1: to rank-1) and block (one block per rank).
+struct Layout {
+  std::vector<size_t> off[2], cnt[2];
+  // count elements: each half split into size() near-equal blocks.
+  static Layout split_halves(size_t count, int nblocks);
+  // nblocks blocks of block_count elements, each split into two halves.
+  static Layout blocks_of(size_t block_count, int nblocks);
+};
+
+// Afterwards this rank's block (both halves) of work holds the reduction over all ranks.
+// scratch is resized as needed. wire is the dtype of work (float32 for widened halves).
+void reduce_scatter(Context& ctx, char* work, DType wire, ReduceOp op, const Layout& layout,
+                    std::vector<char>& scratch);
+// buf holds this rank's block; afterwards it holds every rank's block.
+void all_gather(Context& ctx, char* buf, size_t esize, const Layout& layout);
+// Point-to-point, framed like the collectives. Send is eager: it completes once written.
+void send(Context& ctx, const void* buf, size_t bytes, int dst);
+void recv(Context& ctx, void* buf, size_t bytes, int src);
+
+}  // namespace mlxdist::ring

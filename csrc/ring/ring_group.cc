@@ -1,0 +1,215 @@
+#include "ring/ring_group.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <numeric>
+
+#include "core/error.h"
+#include "ring/algorithms.h"
+#include "transport/tcp_mesh.h"
+
+namespace mlxdist::ring {
+namespace {
+
+uint64_t mix(uint64_t a, uint64_t b) {  // splitmix64 step: ids that agree on every rank
+  uint64_t z = a + 0x9e3779b97f4a7c15ull + (b << 6) + (b >> 2);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+Deadline deadline_after(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+}  // namespace
+
+RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
+                     std::shared_ptr<const AddressBook> book, Options opts)
+    : id_(id), rank_(rank), world_ranks_(std::move(world_ranks)), book_(std::move(book)),
+      opts_(opts), sent_(world_ranks_.size()), received_(world_ranks_.size()) {
+  const int n = size();
+  std::vector<std::vector<tcp::Address>> addrs;
+  std::vector<std::string> names;
+  for (int i = 0; i < n; ++i) {
+    const auto& a = book_->addrs[world_ranks_[i]];
+    addrs.push_back(a);
+    std::string name = "rank " + std::to_string(i);
+    if (world_ranks_[i] != i) name += " (world rank " + std::to_string(world_ranks_[i]) + ")";
+    names.push_back(name + " at " + a.front().str());
+  }
+  int links = int(book_->addrs[world_ranks_[rank_]].size());
+  links_ = tcp::connect_mesh(addrs, names, rank_, id_, links, opts_.timeout_s, opts_.verbose);
+}
+
+RingGroup::~RingGroup() { abort(); }
+
+void RingGroup::abort() {
+  if (links_) links_->close();
+}
+
+struct RingGroup::Context : ring::Context {
+  Context(RingGroup& g, const Header& h)
+      : ring::Context{*g.links_, g.rank_, g.size(), h, deadline_after(g.opts_.timeout_s),
+                      "rank " + std::to_string(g.rank_), g.opts_.chunk_bytes} {}
+};
+
+Header RingGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
+                         uint64_t seq) {
+  Header h;
+  h.op = op;
+  h.dtype = t;
+  h.reduce = r;
+  h.group = id_;
+  h.seq = seq;
+  h.nbytes = nbytes;
+  h.shape_hash = shape_hash;
+  return h;
+}
+
+void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                           uint64_t shape_hash) {
+  const size_t es = dtype_size(t), bytes = count * es;
+  const int n = size();
+  Context ctx(*this, header(OpCode::kAllReduce, t, op, bytes, shape_hash, seq_++));
+  const bool widen = is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd);
+
+  if (bytes <= opts_.small_bytes) {
+    // Latency path: gather everything, then every rank reduces in rank order (same bits).
+    work_.resize(n * bytes);
+    std::memcpy(work_.data() + rank_ * bytes, in, bytes);
+    ring::all_gather(ctx, work_.data(), es, Layout::blocks_of(count, n));
+    if (widen) {
+      std::vector<float> acc(count), next(count);
+      to_float32(work_.data(), acc.data(), count, t);
+      for (int i = 1; i < n; ++i) {
+        to_float32(work_.data() + i * bytes, next.data(), count, t);
+        reduce_into(acc.data(), next.data(), count, DType::kFloat32, op);
+      }
+      from_float32(acc.data(), out, count, t);
+    } else {
+      std::memcpy(out, work_.data(), bytes);
+      for (int i = 1; i < n; ++i) reduce_into(out, work_.data() + i * bytes, count, t, op);
+    }
+    return;
+  }
+
+  Layout layout = Layout::split_halves(count, n);
+  if (widen) {  // reduce in float32 on the wire, round once at the owner
+    work_.resize(count * sizeof(float));
+    float* w = reinterpret_cast<float*>(work_.data());
+    to_float32(in, w, count, t);
+    ring::reduce_scatter(ctx, work_.data(), DType::kFloat32, op, layout, scratch_);
+    for (int d = 0; d < 2; ++d) {
+      size_t off = layout.off[d][rank_];
+      from_float32(w + off, static_cast<char*>(out) + off * es, layout.cnt[d][rank_], t);
+    }
+  } else {
+    std::memcpy(out, in, bytes);
+    ring::reduce_scatter(ctx, static_cast<char*>(out), t, op, layout, scratch_);
+  }
+  ring::all_gather(ctx, static_cast<char*>(out), es, layout);
+}
+
+void RingGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
+  const size_t es = dtype_size(t), bytes = count * es;
+  Context ctx(*this, header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++));
+  std::memcpy(static_cast<char*>(out) + rank_ * bytes, in, bytes);
+  ring::all_gather(ctx, static_cast<char*>(out), es, Layout::blocks_of(count, size()));
+}
+
+void RingGroup::reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                               uint64_t shape_hash) {
+  const size_t es = dtype_size(t), total = count * size();
+  Context ctx(*this, header(OpCode::kReduceScatter, t, op, total * es, shape_hash, seq_++));
+  const bool widen = is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd);
+  const DType wire = widen ? DType::kFloat32 : t;
+  const size_t wes = dtype_size(wire);
+  work_.resize(total * wes);
+  if (widen)
+    to_float32(in, reinterpret_cast<float*>(work_.data()), total, t);
+  else
+    std::memcpy(work_.data(), in, total * es);
+  ring::reduce_scatter(ctx, work_.data(), wire, op, Layout::blocks_of(count, size()), scratch_);
+  const char* mine = work_.data() + rank_ * count * wes;
+  if (widen)
+    from_float32(reinterpret_cast<const float*>(mine), out, count, t);
+  else
+    std::memcpy(out, mine, count * es);
+}
+
+void RingGroup::check_peer(int peer, const char* what) const {
+  if (peer < 0 || peer >= size() || peer == rank_)
+    fail("invalid ", what, " rank ", peer, " for this rank ", rank_, " of a group of size ", size());
+}
+
+void RingGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash) {
+  check_peer(dst, "destination");
+  const size_t bytes = count * dtype_size(t);
+  Context ctx(*this, header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++));
+  ring::send(ctx, in, bytes, dst);
+}
+
+void RingGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash) {
+  check_peer(src, "source");
+  const size_t bytes = count * dtype_size(t);
+  Context ctx(*this, header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++));
+  ring::recv(ctx, out, bytes, src);
+}
+
+void RingGroup::barrier() {
+  // An empty all-gather: a rank leaves only after hearing (through the ring) from every rank.
+  Context ctx(*this, header(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++));
+  ring::all_gather(ctx, nullptr, 1, Layout::blocks_of(0, size()));
+}
+
+std::shared_ptr<Group> RingGroup::split(int color, int key) {
+  const int n = size();
+  std::vector<int32_t> all(2 * n);
+  {
+    Context ctx(*this, header(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0, seq_++));
+    all[2 * rank_] = color;
+    all[2 * rank_ + 1] = key;
+    ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), 4, Layout::blocks_of(2, n));
+  }
+  std::vector<int> members;  // parent ranks with my color, ordered by (key, parent rank)
+  for (int i = 0; i < n; ++i)
+    if (all[2 * i] == color) members.push_back(i);
+  std::stable_sort(members.begin(), members.end(),
+                   [&](int a, int b) { return all[2 * a + 1] < all[2 * b + 1]; });
+  std::vector<int> world;
+  int new_rank = -1;
+  for (size_t i = 0; i < members.size(); ++i) {
+    world.push_back(world_ranks_[members[i]]);
+    if (members[i] == rank_) new_rank = int(i);
+  }
+  uint64_t new_id = mix(mix(id_, splits_++), uint64_t(uint32_t(color)));
+  return std::make_shared<RingGroup>(new_id, new_rank, std::move(world), book_, opts_);
+}
+
+std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,
+                                  const std::vector<int>& listen_fds, Options opts) {
+  static std::atomic<uint64_t> generation{0};  // same sequence of inits on every rank
+  const int n = int(hostfile.size());
+  if (rank < 0 || rank >= n) fail("rank ", rank, " is not in a hostfile of ", n, " ranks");
+  auto book = std::make_shared<AddressBook>();
+  for (int i = 0; i < n; ++i) {
+    if (hostfile[i].empty()) fail("hostfile entry for rank ", i, " lists no address");
+    std::vector<tcp::Address> a;
+    for (const auto& s : hostfile[i]) a.push_back(tcp::parse_address(s));
+    book->addrs.push_back(std::move(a));
+  }
+  const auto& mine = book->addrs[rank];
+  if (!listen_fds.empty() && listen_fds.size() != mine.size())
+    fail("MLXDIST_LISTEN_FDS has ", listen_fds.size(), " sockets but the hostfile lists ",
+         mine.size(), " addresses for rank ", rank);
+  for (size_t k = 0; k < mine.size(); ++k)
+    tcp::ensure_listening(mine[k], listen_fds.empty() ? -1 : listen_fds[k]);
+  std::vector<int> world(n);
+  std::iota(world.begin(), world.end(), 0);
+  return std::make_shared<RingGroup>(mix(0x776f726c64ull, generation++), rank, std::move(world),
+                                     std::move(book), opts);
+}
+
+}  // namespace mlxdist::ring

@@ -1,0 +1,73 @@
+// The TCP ring backend: MLX's ring, configured the same way (a hostfile listing "ip:port"
+// entries per rank, one socket per entry), plus any-to-any send/recv and split.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/group.h"
+#include "core/header.h"
+#include "core/transfer.h"
+#include "transport/tcp.h"
+
+namespace mlxdist::ring {
+
+// Every world rank's listening addresses; shared by the world group and its sub-groups.
+struct AddressBook {
+  std::vector<std::vector<tcp::Address>> addrs;
+};
+
+struct Options {
+  double timeout_s = 300;
+  bool verbose = false;
+  size_t chunk_bytes = 512 << 10;
+  size_t small_bytes = 64 << 10;  // all-reduce at or below this: gather, then reduce in rank order
+};
+
+class RingGroup : public Group {
+ public:
+  // Connects to the other members (world ranks, in group-rank order); blocks until done.
+  RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
+            std::shared_ptr<const AddressBook> book, Options opts);
+  ~RingGroup() override;
+
+  int rank() const override { return rank_; }
+  int size() const override { return int(world_ranks_.size()); }
+  uint64_t id() const override { return id_; }
+  const char* backend() const override { return "ring"; }
+
+  void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                  uint64_t shape_hash) override;
+  void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) override;
+  void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                      uint64_t shape_hash) override;
+  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash) override;
+  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash) override;
+  void barrier() override;
+  std::shared_ptr<Group> split(int color, int key) override;
+  void abort() override;
+
+ private:
+  struct Context;
+  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq);
+  void check_peer(int peer, const char* what) const;
+
+  uint64_t id_;
+  int rank_;
+  std::vector<int> world_ranks_;
+  std::shared_ptr<const AddressBook> book_;
+  Options opts_;
+  std::unique_ptr<Links> links_;
+  uint64_t seq_ = 0;                         // collectives so far
+  std::vector<uint64_t> sent_, received_;    // point-to-point messages so far, per peer
+  uint64_t splits_ = 0;
+  std::vector<char> scratch_, work_;
+};
+
+// The world group from a parsed hostfile. listen_fds: inherited listening sockets for this
+// rank's entries (empty: bind them here).
+std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,
+                                  const std::vector<int>& listen_fds, Options opts);
+
+}  // namespace mlxdist::ring

@@ -1,0 +1,267 @@
+#include "transport/tcp.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <thread>
+
+#include "core/error.h"
+
+namespace mlxdist::tcp {
+namespace {
+
+int ms_until(Deadline deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  return int(std::max<long long>(0, std::min<long long>(left.count(), 1 << 30)));
+}
+
+sockaddr_in resolve(const Address& addr) {
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  int rc = getaddrinfo(addr.host.c_str(), nullptr, &hints, &res);
+  if (rc != 0 || res == nullptr)
+    fail("cannot resolve host '", addr.host, "': ", gai_strerror(rc));
+  sockaddr_in sa{};
+  std::memcpy(&sa, res->ai_addr, sizeof(sa));
+  freeaddrinfo(res);
+  sa.sin_port = htons(uint16_t(addr.port));
+  return sa;
+}
+
+void set_nonblocking(int fd, bool on) {
+  int flags = fcntl(fd, F_GETFL, 0);
+  fcntl(fd, F_SETFL, on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK));
+}
+
+bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
+
+}  // namespace
+
+Address parse_address(const std::string& s) {
+  auto colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == s.size())
+    fail("bad address '", s, "': expected \"ip:port\"");
+  Address a;
+  a.host = s.substr(0, colon);
+  try {
+    size_t used = 0;
+    a.port = std::stoi(s.substr(colon + 1), &used);
+    if (used != s.size() - colon - 1) throw std::invalid_argument("trailing");
+  } catch (const std::exception&) {
+    fail("bad port in address '", s, "'");
+  }
+  if (a.port < 0 || a.port > 65535) fail("port out of range in address '", s, "'");
+  return a;
+}
+
+Socket& Socket::operator=(Socket&& o) noexcept {
+  if (this != &o) {
+    close();
+    fd_ = o.fd_;
+    o.fd_ = -1;
+  }
+  return *this;
+}
+
+void Socket::close() {
+  if (fd_ >= 0) {
+    ::shutdown(fd_, SHUT_RDWR);  // wakes a peer blocked on us now, not at process exit
+    ::close(fd_);
+    fd_ = -1;
+  }
+}
+
+Socket listen_on(const Address& addr) {
+  sockaddr_in sa = resolve(addr);
+  Socket s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!s.valid()) fail("socket(): ", std::strerror(errno));
+  int one = 1;
+  setsockopt(s.fd(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(s.fd(), reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0)
+    fail("cannot listen on ", addr.str(), ": bind: ", std::strerror(errno));
+  if (::listen(s.fd(), 512) != 0) fail("cannot listen on ", addr.str(), ": ", std::strerror(errno));
+  return s;
+}
+
+Socket connect_with_retry(const Address& addr, Deadline deadline, const std::string& peer) {
+  sockaddr_in sa = resolve(addr);
+  auto backoff = std::chrono::milliseconds(5);
+  std::string last = "no attempt";
+  for (;;) {
+    Socket s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!s.valid()) fail("socket(): ", std::strerror(errno));
+    set_nonblocking(s.fd(), true);
+    int rc = ::connect(s.fd(), reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
+    int err = rc == 0 ? 0 : errno;
+    if (err == EINPROGRESS) {
+      pollfd p{s.fd(), POLLOUT, 0};
+      int ready = ::poll(&p, 1, std::max(1, ms_until(deadline)));
+      socklen_t len = sizeof(err);
+      if (ready == 1) getsockopt(s.fd(), SOL_SOCKET, SO_ERROR, &err, &len);
+      else err = ETIMEDOUT;
+    }
+    if (err == 0) {
+      set_nonblocking(s.fd(), false);
+      return s;
+    }
+    last = std::strerror(err);
+    if (Clock::now() + backoff >= deadline)
+      fail("could not connect to ", peer, " before the timeout: ", last);
+    std::this_thread::sleep_for(backoff);  // peer not listening yet: back off and retry
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(500));
+  }
+}
+
+void write_exact(int fd, const void* buf, size_t len, Deadline deadline, const std::string& peer) {
+  const char* p = static_cast<const char*>(buf);
+  while (len > 0) {
+    pollfd pfd{fd, POLLOUT, 0};
+    if (::poll(&pfd, 1, ms_until(deadline)) <= 0) fail("timed out sending to ", peer);
+    ssize_t n = ::send(fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && would_block(errno)) continue;
+    if (n <= 0) fail("lost connection to ", peer, ": ", std::strerror(errno));
+    p += n;
+    len -= size_t(n);
+  }
+}
+
+void read_exact(int fd, void* buf, size_t len, Deadline deadline, const std::string& peer) {
+  char* p = static_cast<char*>(buf);
+  while (len > 0) {
+    pollfd pfd{fd, POLLIN, 0};
+    if (::poll(&pfd, 1, ms_until(deadline)) <= 0) fail("timed out waiting for ", peer);
+    ssize_t n = ::recv(fd, p, len, MSG_DONTWAIT);
+    if (n < 0 && would_block(errno)) continue;
+    if (n == 0) fail(peer, " closed the connection");
+    if (n < 0) fail("lost connection to ", peer, ": ", std::strerror(errno));
+    p += n;
+    len -= size_t(n);
+  }
+}
+
+void tune_for_data(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  set_nonblocking(fd, true);
+}
+
+int wait_readable(const std::vector<int>& fds, Deadline deadline) {
+  std::vector<pollfd> p;
+  for (int fd : fds) p.push_back(pollfd{fd, POLLIN, 0});
+  int ready = ::poll(p.data(), p.size(), ms_until(deadline));
+  if (ready <= 0) return -1;
+  for (size_t i = 0; i < p.size(); ++i)
+    if (p[i].revents) return int(i);
+  return -1;
+}
+
+TcpLinks::TcpLinks(std::vector<std::vector<Socket>> sockets, std::vector<std::string> names,
+                   double timeout_s)
+    : sockets_(std::move(sockets)), names_(std::move(names)), timeout_s_(timeout_s) {
+  for (auto& per_peer : sockets_) {
+    if (!per_peer.empty()) links_ = int(per_peer.size());
+    for (auto& s : per_peer) tune_for_data(s.fd());
+  }
+}
+
+void TcpLinks::close() {
+  for (auto& per_peer : sockets_)
+    for (auto& s : per_peer) s.close();
+}
+
+namespace {
+
+// Progress of one transfer through its segments.
+struct Cursor {
+  Transfer* t;
+  size_t seg = 0;
+  size_t off = 0;
+  bool done() const { return seg == t->segments.size(); }
+  // Skips empty segments (running their callbacks).
+  void settle() {
+    while (!done() && off == t->segments[seg].len) {
+      if (!t->is_send && t->segments[seg].on_done) t->segments[seg].on_done();
+      ++seg;
+      off = 0;
+    }
+  }
+};
+
+}  // namespace
+
+void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
+  // One FIFO of cursors per (socket, direction): only its head moves bytes.
+  std::map<std::pair<int, bool>, std::vector<Cursor>> queues;
+  std::map<std::pair<int, bool>, size_t> heads;
+  for (auto& t : transfers) {
+    if (t.peer < 0 || t.peer >= int(sockets_.size()) || sockets_[t.peer].empty())
+      fail("internal: no connection to peer ", t.peer);
+    int fd = sockets_[t.peer][t.link % links_].fd();
+    if (fd < 0) fail("connection to ", names_[t.peer], " is closed");
+    queues[{fd, t.is_send}].push_back(Cursor{&t});
+  }
+  std::vector<pollfd> pfds;
+  // The timeout bounds a stall, not a whole transfer: progress pushes the deadline out.
+  const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  for (;;) {
+    bool progressed = false, pending = false;
+    pfds.clear();
+    for (auto& [key, q] : queues) {
+      size_t& h = heads[key];
+      while (h < q.size()) {
+        Cursor& c = q[h];
+        c.settle();
+        if (c.done()) { ++h; continue; }
+        Segment& s = c.t->segments[c.seg];
+        char* p = static_cast<char*>(s.data) + c.off;
+        size_t want = s.len - c.off;
+        ssize_t n = key.second ? ::send(key.first, p, want, MSG_NOSIGNAL | MSG_DONTWAIT)
+                               : ::recv(key.first, p, want, MSG_DONTWAIT);
+        if (n > 0) {
+          c.off += size_t(n);
+          progressed = true;
+          continue;
+        }
+        if (n == 0 && !key.second) fail(names_[c.t->peer], " closed the connection");
+        if (n < 0 && !would_block(errno))
+          fail("lost connection to ", names_[c.t->peer], ": ", std::strerror(errno));
+        pending = true;
+        pfds.push_back(pollfd{key.first, short(key.second ? POLLOUT : POLLIN), 0});
+        break;
+      }
+    }
+    if (!pending) return;
+    if (progressed) {
+      deadline = std::max(deadline, Clock::now() + stall);
+      continue;
+    }
+    int ready = ::poll(pfds.data(), pfds.size(), ms_until(deadline));
+    if (ready < 0 && errno != EINTR) fail("poll: ", std::strerror(errno));
+    if (ready == 0 && Clock::now() >= deadline) {
+      std::string who;
+      for (auto& p : pfds) {
+        for (auto& [key, q] : queues)
+          if (key.first == p.fd && key.second == (p.events == POLLOUT) && heads[key] < q.size()) {
+            who += (who.empty() ? "" : ", ") + std::string(key.second ? "sending to " : "receiving from ") +
+                   names_[q[heads[key]].t->peer];
+            break;
+          }
+      }
+      fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) ", who);
+    }
+  }
+}
+
+}  // namespace mlxdist::tcp

@@ -1,0 +1,67 @@
+// TCP byte movers: addresses, sockets, connect with back-off, and TcpLinks, which progresses
+// many transfers at once over non-blocking sockets with poll().
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/transfer.h"
+
+namespace mlxdist::tcp {
+
+struct Address {
+  std::string host;
+  int port = 0;
+  std::string str() const { return host + ":" + std::to_string(port); }
+};
+
+// "10.0.0.1:5000" or "host:5000"; throws DistError on bad input.
+Address parse_address(const std::string& s);
+
+class Socket {
+ public:
+  Socket() = default;
+  explicit Socket(int fd) : fd_(fd) {}
+  ~Socket() { close(); }
+  Socket(Socket&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+  Socket& operator=(Socket&& o) noexcept;
+  Socket(const Socket&) = delete;
+  Socket& operator=(const Socket&) = delete;
+  int fd() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void close();
+
+ private:
+  int fd_ = -1;
+};
+
+Socket listen_on(const Address& addr);
+// Retries refused/unreachable connects with exponential back-off until the deadline.
+Socket connect_with_retry(const Address& addr, Deadline deadline, const std::string& peer);
+// Blocking exact reads/writes with a deadline, for handshakes.
+void write_exact(int fd, const void* buf, size_t len, Deadline deadline, const std::string& peer);
+void read_exact(int fd, void* buf, size_t len, Deadline deadline, const std::string& peer);
+// Per-connection settings for data sockets: TCP_NODELAY, large buffers, non-blocking.
+void tune_for_data(int fd);
+// Waits up to the deadline for any listener to be readable; returns its index or -1.
+int wait_readable(const std::vector<int>& fds, Deadline deadline);
+
+class TcpLinks : public Links {
+ public:
+  // sockets[peer][link]; the entry for this rank itself is empty.
+  TcpLinks(std::vector<std::vector<Socket>> sockets, std::vector<std::string> peer_names,
+           double timeout_s);
+  int links_per_peer() const override { return links_; }
+  void run(std::vector<Transfer>& transfers, Deadline deadline) override;
+  std::string describe_peer(int peer) const override { return names_[peer]; }
+  void close() override;
+
+ private:
+  std::vector<std::vector<Socket>> sockets_;
+  std::vector<std::string> names_;
+  double timeout_s_;
+  int links_ = 0;
+};
+
+}  // namespace mlxdist::tcp

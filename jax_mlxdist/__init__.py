@@ -1,0 +1,23 @@
+"""jax_mlxdist: MLX's distributed collectives as JAX primitives, over our own C++ backends."""
+
+from jax_mlxdist._errors import DistributedError, is_distributed_error
+from jax_mlxdist._group import Group, init, is_available
+from jax_mlxdist._ops import (
+    all_gather,
+    all_max,
+    all_min,
+    all_prod,
+    all_sum,
+    barrier,
+    recv,
+    recv_like,
+    send,
+    sum_scatter,
+)
+
+__all__ = [
+    "DistributedError", "Group", "all_gather", "all_max", "all_min", "all_prod", "all_sum",
+    "barrier", "init", "is_available", "is_distributed_error", "recv", "recv_like", "send",
+    "sum_scatter",
+]
+__version__ = "0.1.0"

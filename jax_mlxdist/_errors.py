@@ -1,0 +1,28 @@
+"""The one exception type for communication failures."""
+
+import jax
+
+# The prefix the C++ side puts on every failure it reports through XLA.
+_MARK = "DistributedError: "
+
+
+class DistributedError(jax.errors.JaxRuntimeError):
+    """A collective failed: bad arguments, a mismatch across ranks, a lost or stalled peer.
+
+    It subclasses JAX's runtime error, so ``except jax.errors.JaxRuntimeError`` also catches it.
+    Failures inside a jitted program surface when its result is used, as a JaxRuntimeError whose
+    text starts with ``DistributedError:``; :func:`is_distributed_error` recognises those.
+    """
+
+
+def is_distributed_error(exc: BaseException) -> bool:
+    """True for DistributedError and for JAX runtime errors carrying one from a jitted program."""
+    return isinstance(exc, DistributedError) or _MARK in str(exc)
+
+
+def translate(exc: BaseException) -> BaseException:
+    """The DistributedError for a runtime error that carries one, else exc itself."""
+    if isinstance(exc, DistributedError) or _MARK not in str(exc):
+        return exc
+    text = str(exc)
+    return DistributedError(text[text.index(_MARK) + len(_MARK):])

@@ -1,0 +1,204 @@
+"""Groups: init, is_available, the default group, split and lifecycle.
+
+Configuration is read here (MLX's environment variables, see README); every byte of
+communication happens in the C++ extension.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import weakref
+
+import jax
+
+from jax_mlxdist import _C
+from jax_mlxdist._errors import DistributedError
+
+BACKENDS = ("any", "ring", "jaccl", "nccl")
+DEFAULT_TIMEOUT = 300.0
+
+
+class Group:
+    """A set of ranks that run collectives together (MLX's ``mx.distributed.Group``)."""
+
+    def __init__(self, handle: int | None, rank: int, size: int, backend: str):
+        self._handle = handle  # C++ group handle; None for a size-1 group without peers
+        self._rank = rank
+        self._size = size
+        self._backend = backend
+        self._closed = False
+        if handle is not None:
+            _live.add(self)
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def split(self, color: int, key: int = -1) -> "Group":
+        """Ranks passing the same color form a new group, ordered by key then by rank.
+
+        Collective over this group: every rank must call it. key=-1 keeps this group's order.
+        """
+        self._check_open("split")
+        if not isinstance(color, int) or not isinstance(key, int):
+            raise DistributedError(f"split: color and key must be ints, got {color!r}, {key!r}")
+        if not -2**31 <= color < 2**31 or not -2**31 <= key < 2**31:
+            raise DistributedError("split: color and key must fit in 32 bits")
+        if self._handle is None:
+            return Group(None, 0, 1, self._backend)
+        jax.effects_barrier()  # earlier collectives on this group finish first
+        handle = _call(_C.split, self._handle, color, self._rank if key == -1 else key)
+        rank, size = _C.group_info(handle)
+        return Group(handle, rank, size, self._backend)
+
+    def close(self) -> None:
+        """Wait for pending collectives, then release this group's sockets and thread."""
+        if self._closed:
+            return
+        self._closed = True
+        _live.discard(self)
+        if self._handle is not None:
+            jax.effects_barrier()
+            _C.close_group(self._handle)
+        global _world
+        if _world is self:
+            _world = None
+
+    def __enter__(self) -> "Group":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = ", closed" if self._closed else ""
+        return f"Group(rank={self._rank}, size={self._size}, backend={self._backend!r}{state})"
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise DistributedError(f"{what}: the group {self!r} is closed")
+
+
+_world: Group | None = None
+_live: "weakref.WeakSet[Group]" = weakref.WeakSet()
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except _C.DistError as e:
+        raise DistributedError(str(e)) from None
+
+
+def _ring_config() -> tuple[int, list[list[str]], list[int]] | None:
+    """(rank, hostfile entries, inherited listening fds) from MLX_RANK/MLX_HOSTFILE, if set."""
+    path = os.environ.get("MLX_HOSTFILE")
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            hosts = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DistributedError(f"init: cannot read MLX_HOSTFILE={path!r}: {e}") from None
+    if (not isinstance(hosts, list) or not hosts
+            or not all(isinstance(h, list) and h and all(isinstance(a, str) for a in h)
+                       for h in hosts)):
+        raise DistributedError(
+            f"init: MLX_HOSTFILE={path!r} must hold a JSON list, per rank, of \"ip:port\" lists")
+    if len({len(h) for h in hosts}) != 1:
+        raise DistributedError("init: every rank in MLX_HOSTFILE must list the same number of "
+                               "addresses (one socket per entry)")
+    try:
+        rank = int(os.environ["MLX_RANK"])
+    except (KeyError, ValueError):
+        raise DistributedError("init: MLX_HOSTFILE is set but MLX_RANK is missing or not an int")
+    if not 0 <= rank < len(hosts):
+        raise DistributedError(f"init: MLX_RANK={rank} but MLX_HOSTFILE lists {len(hosts)} ranks")
+    fds = [int(fd) for fd in os.environ.get("MLXDIST_LISTEN_FDS", "").split(",") if fd.strip()]
+    return rank, hosts, fds
+
+
+def timeout() -> float:
+    """MLXDIST_TIMEOUT in seconds: how long any wait on a peer may stall."""
+    raw = os.environ.get("MLXDIST_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise DistributedError(f"MLXDIST_TIMEOUT={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise DistributedError(f"MLXDIST_TIMEOUT={raw!r} must be positive")
+    return value
+
+
+def is_available(backend: str = "any") -> bool:
+    """Whether a backend can be used in this process (as ``mx.distributed.is_available``)."""
+    _check_backend(backend)
+    return backend in ("any", "ring")
+
+
+def init(strict: bool = False, backend: str = "any") -> Group:
+    """The world group, connecting to the other ranks on first call (as ``mx.distributed.init``).
+
+    With no configuration, strict=False gives a size-1 group; strict=True raises.
+    """
+    global _world
+    _check_backend(backend)
+    if _world is not None:
+        return _world
+    config = _ring_config() if backend in ("any", "ring") else None
+    if config is None:
+        if strict:
+            raise DistributedError(
+                f"init(strict=True, backend={backend!r}): no configuration found; for the ring "
+                "backend set MLX_RANK and MLX_HOSTFILE (jax-mlxdist launch does this)")
+        _world = Group(None, 0, 1, "ring" if backend == "any" else backend)
+        return _world
+    rank, hosts, fds = config
+    if len(hosts) == 1:
+        _world = Group(None, 0, 1, "ring")
+        return _world
+    verbose = os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
+    handle = _call(_C.init_ring, rank, hosts, fds, timeout(), verbose)
+    _world = Group(handle, rank, len(hosts), "ring")
+    return _world
+
+
+def default_group() -> Group:
+    return _world if _world is not None else init()
+
+
+def resolve(group: Group | None, op: str) -> Group:
+    """The group an op runs on: group=None means the default group."""
+    if group is None:
+        return default_group()
+    if not isinstance(group, Group):
+        raise DistributedError(f"{op}: group must be a jax_mlxdist Group, got {type(group).__name__}")
+    group._check_open(op)
+    return group
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise DistributedError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+@atexit.register
+def _close_all() -> None:
+    # Pending collectives finish before sockets close, so peers are not cut off mid-message.
+    for g in list(_live):
+        try:
+            g.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass

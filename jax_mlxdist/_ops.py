@@ -1,0 +1,143 @@
+"""The public collectives: argument checks, the default group, size-1 shortcuts.
+
+Each op binds one primitive of _primitives.py. Eager calls (outside any trace) wait for their
+result so that a failure raises DistributedError right there; inside jit the op is asynchronous
+and a failure surfaces when the program's results are used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mlxdist import _primitives as P
+from jax_mlxdist._errors import DistributedError, translate
+from jax_mlxdist._group import Group, resolve
+
+SUPPORTED_DTYPES = frozenset(np.dtype(d) for d in (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", jnp.bfloat16, "float32", "float64", "complex64"))
+
+
+def _array(x, op: str) -> jax.Array:
+    try:
+        x = jnp.asarray(x)
+    except TypeError as e:
+        raise DistributedError(f"{op}: expected an array, got {type(x).__name__}: {e}") from None
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise DistributedError(f"{op}: dtype {x.dtype} is not supported; supported: "
+                               f"{sorted(str(d) for d in SUPPORTED_DTYPES)}")
+    return x
+
+
+def _finish(out):
+    """Eagerly computed results are waited for, so failures raise DistributedError here."""
+    if any(isinstance(o, jax.core.Tracer) for o in jax.tree_util.tree_leaves(out)):
+        return out
+    try:
+        return jax.block_until_ready(out)
+    except jax.errors.JaxRuntimeError as e:
+        raise translate(e) from None
+
+
+def _reduce(x, group: Group | None, op: str):
+    name = f"all_{op}"
+    g = resolve(group, name)
+    x = _array(x, name)
+    if op in ("max", "min") and jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise DistributedError(f"{name}: complex values have no order")
+    if g.size() == 1:
+        return x
+    return _finish(P.all_reduce_p.bind(x, group=g._handle, reduce=P.REDUCE[op]))
+
+
+def all_sum(x, *, group: Group | None = None, stream=None):
+    """Sum of x over the ranks of the group; every rank gets the same bits."""
+    return _reduce(x, group, "sum")
+
+
+def all_max(x, *, group: Group | None = None, stream=None):
+    """Element-wise maximum over the ranks (NaN wins)."""
+    return _reduce(x, group, "max")
+
+
+def all_min(x, *, group: Group | None = None, stream=None):
+    """Element-wise minimum over the ranks (NaN wins)."""
+    return _reduce(x, group, "min")
+
+
+def all_prod(x, *, group: Group | None = None, stream=None):
+    """Element-wise product over the ranks."""
+    return _reduce(x, group, "prod")
+
+
+def all_gather(x, *, group: Group | None = None, stream=None):
+    """Every rank's x concatenated along axis 0, in rank order; a scalar gives shape (size,)."""
+    g = resolve(group, "all_gather")
+    x = _array(x, "all_gather")
+    if g.size() == 1:
+        return x.reshape(1) if x.ndim == 0 else x
+    return _finish(P.all_gather_p.bind(x, group=g._handle, size=g.size()))
+
+
+def sum_scatter(x, *, group: Group | None = None, stream=None):
+    """This rank's block (axis 0 split in size() equal parts) of the sum of x over the ranks."""
+    g = resolve(group, "sum_scatter")
+    x = _array(x, "sum_scatter")
+    if x.ndim == 0 or x.shape[0] % g.size() != 0:
+        raise DistributedError(
+            f"sum_scatter: the first dimension of the input (shape {x.shape}) must be divisible "
+            f"by the group size {g.size()}")
+    if g.size() == 1:
+        return x
+    return _finish(P.sum_scatter_p.bind(x, group=g._handle, size=g.size()))
+
+
+def _peer(g: Group, peer, op: str, role: str) -> int:
+    if g.size() == 1:
+        raise DistributedError(f"{op}: cannot {op} on a group of size 1 (no other rank)")
+    if isinstance(peer, (bool, np.bool_)) or not isinstance(peer, (int, np.integer)):
+        raise DistributedError(f"{op}: {role} must be an int rank, got {peer!r}")
+    peer = int(peer)
+    if not 0 <= peer < g.size() or peer == g.rank():
+        raise DistributedError(f"{op}: invalid {role} rank {peer} for rank {g.rank()} of a group "
+                               f"of size {g.size()}")
+    return peer
+
+
+def send(x, dst: int, *, group: Group | None = None, stream=None):
+    """Send x to rank dst; returns x, so the send stays in the computation."""
+    g = resolve(group, "send")
+    x = _array(x, "send")
+    dst = _peer(g, dst, "send", "destination")
+    return _finish(P.send_p.bind(x, group=g._handle, dst=dst))
+
+
+def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
+    """Receive an array of this shape and dtype sent by rank src."""
+    g = resolve(group, "recv")
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise DistributedError(f"recv: dtype {dtype} is not supported")
+    try:
+        shape = tuple(int(d) for d in (shape if np.iterable(shape) else (shape,)))
+    except (TypeError, ValueError):
+        raise DistributedError(f"recv: shape must be a tuple of ints, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise DistributedError(f"recv: negative dimension in shape {shape}")
+    src = _peer(g, src, "recv", "source")
+    return _finish(P.recv_p.bind(group=g._handle, src=src, shape=shape, dtype=dtype))
+
+
+def recv_like(x, src: int, *, group: Group | None = None, stream=None):
+    """Receive an array shaped like x from rank src."""
+    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+    return recv(x.shape, x.dtype, src, group=group)
+
+
+def barrier(*, group: Group | None = None, stream=None) -> None:
+    """Return once every rank of the group has reached this barrier."""
+    g = resolve(group, "barrier")
+    if g.size() > 1:
+        _finish(P.barrier_p.bind(group=g._handle))

@@ -1,0 +1,101 @@
+"""One JAX primitive per collective: abstract eval, the ordered effect, and the FFI lowering.
+
+Every collective carries one *ordered* effect whose token is threaded through its custom call.
+XLA then runs a program's collectives one after another in program order, JAX serialises
+executions that contain them, and none is dead-code eliminated. Matching messages by tag would
+not be enough: two instances of one call site carry the same tag and could pair up wrongly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import jax
+from jax.interpreters import mlir
+from jax.extend.core import Primitive
+from jax._src import dispatch, effects
+
+from jax_mlxdist import _C
+
+# --- compat shim: jax 0.10.x and 0.11.x -------------------------------------------------------
+try:  # jax >= 0.11 exports the token aval here
+    from jax.ffi import abstract_token
+except ImportError:  # jax 0.10: the public alias is deprecated; JAX compares by identity
+    from jax._src.core import abstract_token
+
+ShapedArray = jax.core.ShapedArray
+
+# Reduction codes shared with csrc/core/dtype.h (ReduceOp).
+REDUCE = {"sum": 0, "max": 1, "min": 2, "prod": 3}
+
+
+class CollectiveEffect(effects.Effect):
+    """Orders collectives within and across executions (see module docstring)."""
+
+    def __repr__(self):
+        return "MlxdistCollective"
+
+
+effect = CollectiveEffect()
+for _kind in (effects.lowerable_effects, effects.ordered_effects,
+              effects.control_flow_allowed_effects, effects.custom_derivatives_allowed_effects,
+              effects.remat_allowed_effects):
+    _kind.add_type(CollectiveEffect)
+
+for _name, _capsule in _C.ffi_targets().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+
+def _lowering(target: str, attrs, **lowering_args):
+    """An FFI lowering that threads the effect's token through the call."""
+
+    def rule(ctx, *args, **params):
+        token = ctx.tokens_in.get(effect)
+        ctx_tok = ctx.replace(avals_in=(*ctx.avals_in, abstract_token),
+                              avals_out=(*ctx.avals_out, abstract_token))
+        lower = jax.ffi.ffi_lowering(target, has_side_effect=True, **lowering_args)
+        results = list(lower(ctx_tok, *args, token,
+                             **{k: np.int64(params[k]) for k in attrs}))
+        ctx.set_tokens_out(mlir.TokenSet({effect: results.pop()}))
+        return results
+
+    return rule
+
+
+def _primitive(name: str, abstract_eval, target: str, attrs, *, multiple_results=False,
+               **lowering_args) -> Primitive:
+    p = Primitive(name)
+    p.multiple_results = multiple_results
+    p.def_impl(functools.partial(dispatch.apply_primitive, p))
+    p.def_effectful_abstract_eval(lambda *a, **kw: (abstract_eval(*a, **kw), {effect}))
+    mlir.register_lowering(p, _lowering(target, attrs, **lowering_args), platform="cpu")
+    return p
+
+
+def _same(x, **_):
+    return ShapedArray(x.shape, x.dtype, weak_type=x.weak_type)
+
+
+def _gathered(x, *, size, **_):
+    shape = (size,) if x.ndim == 0 else (size * x.shape[0], *x.shape[1:])
+    return ShapedArray(shape, x.dtype, weak_type=x.weak_type)
+
+
+def _scattered(x, *, size, **_):
+    return ShapedArray((x.shape[0] // size, *x.shape[1:]), x.dtype, weak_type=x.weak_type)
+
+
+def _received(*, shape, dtype, **_):
+    return ShapedArray(shape, dtype)
+
+
+# Params: group (C++ handle), plus reduce / size / dst / src / shape+dtype as the op needs.
+all_reduce_p = _primitive("mlxdist_all_reduce", _same, "mlxdist_all_reduce", ("group", "reduce"))
+all_gather_p = _primitive("mlxdist_all_gather", _gathered, "mlxdist_all_gather", ("group",))
+sum_scatter_p = _primitive("mlxdist_sum_scatter", _scattered, "mlxdist_sum_scatter", ("group",))
+send_p = _primitive("mlxdist_send", _same, "mlxdist_send", ("group", "dst"),
+                    operand_output_aliases={0: 0})
+recv_p = _primitive("mlxdist_recv", _received, "mlxdist_recv", ("group", "src"))
+barrier_p = _primitive("mlxdist_barrier", lambda **_: [], "mlxdist_barrier", ("group",),
+                       multiple_results=True)
