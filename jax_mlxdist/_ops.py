@@ -31,11 +31,12 @@ def _array(x, op: str) -> jax.Array:
     return x
 
 
-def _finish(out):
-    """Eagerly computed results are waited for, so failures raise DistributedError here."""
-    if any(isinstance(o, jax.core.Tracer) for o in jax.tree_util.tree_leaves(out)):
-        return out
+def _bind(prim, *args, **params):
+    """Binds prim; eager results are waited for, so failures raise DistributedError here."""
     try:
+        out = prim.bind(*args, **params)
+        if any(isinstance(o, jax.core.Tracer) for o in jax.tree_util.tree_leaves(out)):
+            return out
         return jax.block_until_ready(out)
     except jax.errors.JaxRuntimeError as e:
         raise translate(e) from None
@@ -49,7 +50,7 @@ def _reduce(x, group: Group | None, op: str):
         raise DistributedError(f"{name}: complex values have no order")
     if g.size() == 1:
         return x
-    return _finish(P.all_reduce_p.bind(x, group=g._handle, reduce=P.REDUCE[op]))
+    return _bind(P.all_reduce_p, x, group=g._handle, reduce=P.REDUCE[op])
 
 
 def all_sum(x, *, group: Group | None = None, stream=None):
@@ -78,7 +79,7 @@ def all_gather(x, *, group: Group | None = None, stream=None):
     x = _array(x, "all_gather")
     if g.size() == 1:
         return x.reshape(1) if x.ndim == 0 else x
-    return _finish(P.all_gather_p.bind(x, group=g._handle, size=g.size()))
+    return _bind(P.all_gather_p, x, group=g._handle, size=g.size())
 
 
 def sum_scatter(x, *, group: Group | None = None, stream=None):
@@ -91,7 +92,7 @@ def sum_scatter(x, *, group: Group | None = None, stream=None):
             f"by the group size {g.size()}")
     if g.size() == 1:
         return x
-    return _finish(P.sum_scatter_p.bind(x, group=g._handle, size=g.size()))
+    return _bind(P.sum_scatter_p, x, group=g._handle, size=g.size())
 
 
 def _peer(g: Group, peer, op: str, role: str) -> int:
@@ -111,7 +112,7 @@ def send(x, dst: int, *, group: Group | None = None, stream=None):
     g = resolve(group, "send")
     x = _array(x, "send")
     dst = _peer(g, dst, "send", "destination")
-    return _finish(P.send_p.bind(x, group=g._handle, dst=dst))
+    return _bind(P.send_p, x, group=g._handle, dst=dst)
 
 
 def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
@@ -127,7 +128,7 @@ def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
     if any(d < 0 for d in shape):
         raise DistributedError(f"recv: negative dimension in shape {shape}")
     src = _peer(g, src, "recv", "source")
-    return _finish(P.recv_p.bind(group=g._handle, src=src, shape=shape, dtype=dtype))
+    return _bind(P.recv_p, group=g._handle, src=src, shape=shape, dtype=dtype)
 
 
 def recv_like(x, src: int, *, group: Group | None = None, stream=None):
@@ -140,4 +141,4 @@ def barrier(*, group: Group | None = None, stream=None) -> None:
     """Return once every rank of the group has reached this barrier."""
     g = resolve(group, "barrier")
     if g.size() > 1:
-        _finish(P.barrier_p.bind(group=g._handle))
+        _bind(P.barrier_p, group=g._handle)

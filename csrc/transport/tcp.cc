@@ -202,19 +202,22 @@ struct Cursor {
 }  // namespace
 
 void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
-  // One FIFO of cursors per (socket, direction): only its head moves bytes.
-  std::map<std::pair<int, bool>, std::vector<Cursor>> queues;
-  std::map<std::pair<int, bool>, size_t> heads;
+  // One FIFO of cursors per (direction, socket): only its head moves bytes. Sends sort first,
+  // so this rank's header is on the wire before a received one can fail a check.
+  using Key = std::pair<bool, int>;  // (is_recv, fd)
+  std::map<Key, std::vector<Cursor>> queues;
+  std::map<Key, size_t> heads;
   for (auto& t : transfers) {
     if (t.peer < 0 || t.peer >= int(sockets_.size()) || sockets_[t.peer].empty())
       fail("internal: no connection to peer ", t.peer);
     int fd = sockets_[t.peer][t.link % links_].fd();
     if (fd < 0) fail("connection to ", names_[t.peer], " is closed");
-    queues[{fd, t.is_send}].push_back(Cursor{&t});
+    queues[{!t.is_send, fd}].push_back(Cursor{&t});
   }
   std::vector<pollfd> pfds;
   // The timeout bounds a stall, not a whole transfer: progress pushes the deadline out.
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  std::string lost;  // first failed send, reported once nothing else can move
   for (;;) {
     bool progressed = false, pending = false;
     pfds.clear();
@@ -227,21 +230,31 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         Segment& s = c.t->segments[c.seg];
         char* p = static_cast<char*>(s.data) + c.off;
         size_t want = s.len - c.off;
-        ssize_t n = key.second ? ::send(key.first, p, want, MSG_NOSIGNAL | MSG_DONTWAIT)
-                               : ::recv(key.first, p, want, MSG_DONTWAIT);
+        const bool sending = !key.first;
+        const int fd = key.second;
+        ssize_t n = sending ? ::send(fd, p, want, MSG_NOSIGNAL | MSG_DONTWAIT)
+                            : ::recv(fd, p, want, MSG_DONTWAIT);
         if (n > 0) {
           c.off += size_t(n);
           progressed = true;
           continue;
         }
-        if (n == 0 && !key.second) fail(names_[c.t->peer], " closed the connection");
-        if (n < 0 && !would_block(errno))
-          fail("lost connection to ", names_[c.t->peer], ": ", std::strerror(errno));
+        if (n == 0 && !sending) fail(names_[c.t->peer], " closed the connection");
+        if (n < 0 && !would_block(errno)) {
+          std::string why = "lost connection to " + names_[c.t->peer] + ": " + std::strerror(errno);
+          if (!sending) throw DistError(why);
+          // The peer may have hung up because of a mismatch it saw; its message may still be
+          // waiting in our receive queue and says more than a broken pipe, so read on first.
+          if (lost.empty()) lost = why;
+          h = q.size();
+          break;
+        }
         pending = true;
-        pfds.push_back(pollfd{key.first, short(key.second ? POLLOUT : POLLIN), 0});
+        pfds.push_back(pollfd{fd, short(sending ? POLLOUT : POLLIN), 0});
         break;
       }
     }
+    if (!lost.empty() && (!pending || !progressed)) throw DistError(lost);
     if (!pending) return;
     if (progressed) {
       deadline = std::max(deadline, Clock::now() + stall);
@@ -253,8 +266,8 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
       std::string who;
       for (auto& p : pfds) {
         for (auto& [key, q] : queues)
-          if (key.first == p.fd && key.second == (p.events == POLLOUT) && heads[key] < q.size()) {
-            who += (who.empty() ? "" : ", ") + std::string(key.second ? "sending to " : "receiving from ") +
+          if (key.second == p.fd && key.first == (p.events == POLLIN) && heads[key] < q.size()) {
+            who += (who.empty() ? "" : ", ") + std::string(key.first ? "receiving from " : "sending to ") +
                    names_[q[heads[key]].t->peer];
             break;
           }
