@@ -1,0 +1,67 @@
+"""Race-free start-up of ranks on this machine.
+
+The parent binds every rank's listening sockets on port 0 before any rank starts and hands
+them down (MLXDIST_LISTEN_FDS), so no other process can take a port between choosing it and
+using it, and no port range is ever fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+
+
+class LocalRanks:
+    """Listening sockets and a hostfile (MLX's ring format) for n ranks on one host."""
+
+    def __init__(self, n: int, connections_per_rank: int = 1, host: str = "127.0.0.1"):
+        if n < 1 or connections_per_rank < 1:
+            raise ValueError("need at least one rank and one connection per rank")
+        self.n = n
+        self.sockets: list[list[socket.socket]] = []
+        for _ in range(n):
+            socks = []
+            for _ in range(connections_per_rank):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((host, 0))
+                s.listen(512)
+                s.set_inheritable(True)
+                socks.append(s)
+            self.sockets.append(socks)
+        self.hostfile = [[f"{host}:{s.getsockname()[1]}" for s in socks] for socks in self.sockets]
+        fd, self.path = tempfile.mkstemp(prefix="mlxdist-hosts-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.hostfile, f)
+
+    def env_for(self, rank: int) -> dict[str, str]:
+        return {
+            "MLX_RANK": str(rank),
+            "MLX_HOSTFILE": self.path,
+            "MLXDIST_LISTEN_FDS": ",".join(str(s.fileno()) for s in self.sockets[rank]),
+        }
+
+    def pass_fds_for(self, rank: int) -> tuple[int, ...]:
+        return tuple(s.fileno() for s in self.sockets[rank])
+
+    def close_sockets(self) -> None:
+        """Closes the parent's copies once the ranks have started with theirs."""
+        for socks in self.sockets:
+            for s in socks:
+                s.close()
+        self.sockets = []
+
+    def close(self) -> None:
+        """Closes the parent's sockets and removes the hostfile."""
+        self.close_sockets()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "LocalRanks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
