@@ -1,5 +1,14 @@
 """jax_mlxdist: MLX's distributed collectives as JAX primitives, over our own C++ backends."""
 
+try:
+    from jax_mlxdist import _C  # noqa: F401
+except ImportError as e:  # a source checkout shadowing the installed package
+    raise ImportError(
+        "jax_mlxdist's compiled extension is missing here: this looks like a source checkout "
+        "that shadows the installed package. Run from outside the checkout, or run tests with "
+        "`pytest` rather than `python -m pytest` (which puts the current directory first on "
+        "sys.path), or install in place with `pip install -e .`.") from e
+
 from jax_mlxdist._errors import DistributedError, is_distributed_error
 from jax_mlxdist._group import Group, init, is_available
 from jax_mlxdist._ops import (

@@ -73,7 +73,8 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
                 result_paths.append(os.path.join(tmp, f"rank{r}.result"))
                 with open(outputs[-1], "wb") as out:
                     procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "jax_mlxdist._rank_worker", payload, result_paths[-1]],
+                        [sys.executable, "-P", "-m", "jax_mlxdist._rank_worker", payload, result_paths[-1]],
+                        # -P: the current directory must not shadow the installed package.
                         env=rank_env, stdout=out, stderr=subprocess.STDOUT,
                         pass_fds=ranks.pass_fds_for(r), start_new_session=True))
             ranks.close_sockets()  # the ranks hold their own copies of the listening sockets

@@ -8,7 +8,7 @@ import textwrap
 def launch(tmp_path, source, *flags, timeout=120):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
-    return subprocess.run([sys.executable, "-m", "jax_mlxdist.launch", *flags, str(script)],
+    return subprocess.run([sys.executable, "-P", "-m", "jax_mlxdist.launch", *flags, str(script)],
                           capture_output=True, text=True, timeout=timeout)
 
 
