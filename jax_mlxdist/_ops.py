@@ -42,20 +42,33 @@ def _bind(prim, *args, **params):
         raise translate(e) from None
 
 
-def _reduce(x, group: Group | None, op: str):
+VJP_MODES = ("identity", "all_sum")
+
+
+def _reduce(x, group: Group | None, op: str, vjp: str = "identity"):
     name = f"all_{op}"
     g = resolve(group, name)
+    if vjp not in VJP_MODES:
+        raise DistributedError(f"{name}: vjp must be one of {VJP_MODES}, got {vjp!r}")
     x = _array(x, name)
     if op in ("max", "min") and jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise DistributedError(f"{name}: complex values have no order")
     if g.size() == 1:
         return x
-    return _bind(P.all_reduce_p, x, group=g._handle, reduce=P.REDUCE[op])
+    return _bind(P.all_reduce_p, x, group=g._handle, reduce=P.REDUCE[op], vjp=vjp,
+                 rank=g.rank(), size=g.size())
 
 
-def all_sum(x, *, group: Group | None = None, stream=None):
-    """Sum of x over the ranks of the group; every rank gets the same bits."""
-    return _reduce(x, group, "sum")
+def all_sum(x, *, group: Group | None = None, vjp: str = "identity", stream=None):
+    """Sum of x over the ranks of the group; every rank gets the same bits.
+
+    vjp picks the gradient rule. "identity" (MLX's): the sum is one replicated value and each
+    rank's cotangent passes through unchanged; right when every rank computes the same loss
+    from it (replicated loss, tensor-parallel layers). "all_sum": the exact transpose, the sum
+    of every rank's cotangent; right when each rank computes its own loss and you
+    differentiate the sum of those losses.
+    """
+    return _reduce(x, group, "sum", vjp)
 
 
 def all_max(x, *, group: Group | None = None, stream=None):
@@ -79,7 +92,7 @@ def all_gather(x, *, group: Group | None = None, stream=None):
     x = _array(x, "all_gather")
     if g.size() == 1:
         return x.reshape(1) if x.ndim == 0 else x
-    return _bind(P.all_gather_p, x, group=g._handle, size=g.size())
+    return _bind(P.all_gather_p, x, group=g._handle, rank=g.rank(), size=g.size())
 
 
 def sum_scatter(x, *, group: Group | None = None, stream=None):
@@ -92,7 +105,7 @@ def sum_scatter(x, *, group: Group | None = None, stream=None):
             f"by the group size {g.size()}")
     if g.size() == 1:
         return x
-    return _bind(P.sum_scatter_p, x, group=g._handle, size=g.size())
+    return _bind(P.sum_scatter_p, x, group=g._handle, rank=g.rank(), size=g.size())
 
 
 def _peer(g: Group, peer, op: str, role: str) -> int:
@@ -117,7 +130,6 @@ def send(x, dst: int, *, group: Group | None = None, stream=None):
 
 def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
     """Receive an array of this shape and dtype sent by rank src."""
-    g = resolve(group, "recv")
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise DistributedError(f"recv: dtype {dtype} is not supported")
@@ -127,14 +139,19 @@ def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
         raise DistributedError(f"recv: shape must be a tuple of ints, got {shape!r}") from None
     if any(d < 0 for d in shape):
         raise DistributedError(f"recv: negative dimension in shape {shape}")
-    src = _peer(g, src, "recv", "source")
-    return _bind(P.recv_p, group=g._handle, src=src, shape=shape, dtype=dtype)
+    return recv_like(jnp.zeros(shape, dtype), src, group=group)
 
 
 def recv_like(x, src: int, *, group: Group | None = None, stream=None):
-    """Receive an array shaped like x from rank src."""
-    x = jnp.asarray(x) if not hasattr(x, "shape") else x
-    return recv(x.shape, x.dtype, src, group=group)
+    """Receive an array shaped like x from rank src.
+
+    x is only a template, but gradients and vmap follow it: receive into a template that is
+    differentiable (or batched) exactly when the matching send's array is.
+    """
+    g = resolve(group, "recv")
+    x = _array(x, "recv")
+    src = _peer(g, src, "recv", "source")
+    return _bind(P.recv_p, x, group=g._handle, src=src)
 
 
 def barrier(*, group: Group | None = None, stream=None) -> None:

@@ -40,19 +40,27 @@ class CollectiveEffect(effects.Effect):
 effect = CollectiveEffect()
 for _kind in (effects.lowerable_effects, effects.ordered_effects,
               effects.control_flow_allowed_effects, effects.custom_derivatives_allowed_effects,
-              effects.remat_allowed_effects):
+              effects.remat_allowed_effects,
+              # keeps a send whose result is unused when checkpoint re-traces its backward pass
+              effects.partial_eval_kept_effects):
     _kind.add_type(CollectiveEffect)
 
 for _name, _capsule in _C.ffi_targets().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
 
 
-def _lowering(target: str, attrs, **lowering_args):
-    """An FFI lowering that threads the effect's token through the call."""
+def _lowering(target: str, attrs, *, operands: bool = True, **lowering_args):
+    """An FFI lowering that threads the effect's token through the call.
+
+    attrs: the params passed to C++; operands=False leaves the array operands out of the call
+    (recv's template only gives its shape to JAX).
+    """
 
     def rule(ctx, *args, **params):
+        avals_in = ctx.avals_in if operands else ()
+        args = args if operands else ()
         token = ctx.tokens_in.get(effect)
-        ctx_tok = ctx.replace(avals_in=(*ctx.avals_in, abstract_token),
+        ctx_tok = ctx.replace(avals_in=(*avals_in, abstract_token),
                               avals_out=(*ctx.avals_out, abstract_token))
         lower = jax.ffi.ffi_lowering(target, has_side_effect=True, **lowering_args)
         results = list(lower(ctx_tok, *args, token,
@@ -63,13 +71,14 @@ def _lowering(target: str, attrs, **lowering_args):
     return rule
 
 
-def _primitive(name: str, abstract_eval, target: str, attrs, *, multiple_results=False,
+def _primitive(name: str, abstract_eval, attrs, *, multiple_results=False,
                **lowering_args) -> Primitive:
+    """A collective: effectful, lowered to the FFI target of the same name."""
     p = Primitive(name)
     p.multiple_results = multiple_results
     p.def_impl(functools.partial(dispatch.apply_primitive, p))
     p.def_effectful_abstract_eval(lambda *a, **kw: (abstract_eval(*a, **kw), {effect}))
-    mlir.register_lowering(p, _lowering(target, attrs, **lowering_args), platform="cpu")
+    mlir.register_lowering(p, _lowering(name, attrs, **lowering_args), platform="cpu")
     return p
 
 
@@ -86,16 +95,18 @@ def _scattered(x, *, size, **_):
     return ShapedArray((x.shape[0] // size, *x.shape[1:]), x.dtype, weak_type=x.weak_type)
 
 
-def _received(*, shape, dtype, **_):
-    return ShapedArray(shape, dtype)
+# Params shared by the collectives: group (C++ handle), rank and size (static, for the shape
+# and autodiff rules); reduce and vjp for all-reduce, dst/src for point-to-point.
+all_reduce_p = _primitive("mlxdist_all_reduce", _same, ("group", "reduce"))
+all_gather_p = _primitive("mlxdist_all_gather", _gathered, ("group",))
+sum_scatter_p = _primitive("mlxdist_sum_scatter", _scattered, ("group",))
+send_p = _primitive("mlxdist_send", _same, ("group", "dst"), operand_output_aliases={0: 0})
+# recv's operand is a template (shape and dtype) so that vmap and autodiff can reach it.
+recv_p = _primitive("mlxdist_recv", _same, ("group", "src"), operands=False)
+barrier_p = _primitive("mlxdist_barrier", lambda **_: [], ("group",), multiple_results=True)
 
-
-# Params: group (C++ handle), plus reduce / size / dst / src / shape+dtype as the op needs.
-all_reduce_p = _primitive("mlxdist_all_reduce", _same, "mlxdist_all_reduce", ("group", "reduce"))
-all_gather_p = _primitive("mlxdist_all_gather", _gathered, "mlxdist_all_gather", ("group",))
-sum_scatter_p = _primitive("mlxdist_sum_scatter", _scattered, "mlxdist_sum_scatter", ("group",))
-send_p = _primitive("mlxdist_send", _same, "mlxdist_send", ("group", "dst"),
-                    operand_output_aliases={0: 0})
-recv_p = _primitive("mlxdist_recv", _received, "mlxdist_recv", ("group", "src"))
-barrier_p = _primitive("mlxdist_barrier", lambda **_: [], "mlxdist_barrier", ("group",),
-                       multiple_results=True)
+# Identity forward, all_sum of the cotangent backward (nn.sum_gradients). Pure: no effect.
+grad_sum_p = Primitive("mlxdist_grad_sum")
+grad_sum_p.def_impl(lambda x, **_: x)
+grad_sum_p.def_abstract_eval(_same)
+mlir.register_lowering(grad_sum_p, lambda ctx, x, **_: [x])

@@ -176,6 +176,28 @@ TcpLinks::TcpLinks(std::vector<std::vector<Socket>> sockets, std::vector<std::st
   }
 }
 
+std::string TcpLinks::also_lost(int except) const {
+  // A peer that fails a collective closes its connections, so the first closed connection a
+  // rank sees may be a bystander's: name every peer already gone, the root cause among them.
+  std::string lost;
+  for (size_t p = 0; p < sockets_.size(); ++p) {
+    if (int(p) == except || sockets_[p].empty()) continue;
+    for (const auto& s : sockets_[p]) {
+      pollfd pfd{s.fd(), short(POLLIN | POLLRDHUP), 0};
+      char byte;
+      bool gone = s.fd() < 0 ||
+                  (::poll(&pfd, 1, 0) == 1 &&
+                   ((pfd.revents & (POLLHUP | POLLRDHUP | POLLERR)) ||
+                    ::recv(s.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0));
+      if (gone) {
+        lost += (lost.empty() ? "" : ", ") + names_[p];
+        break;
+      }
+    }
+  }
+  return lost.empty() ? "" : " (connections also closed by: " + lost + ")";
+}
+
 void TcpLinks::close() {
   for (auto& per_peer : sockets_)
     for (auto& s : per_peer) s.close();
@@ -239,9 +261,11 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
           progressed = true;
           continue;
         }
-        if (n == 0 && !sending) fail(names_[c.t->peer], " closed the connection");
+        if (n == 0 && !sending)
+          fail(names_[c.t->peer], " closed the connection", also_lost(c.t->peer));
         if (n < 0 && !would_block(errno)) {
-          std::string why = "lost connection to " + names_[c.t->peer] + ": " + std::strerror(errno);
+          std::string why = "lost connection to " + names_[c.t->peer] + ": " +
+                            std::strerror(errno) + also_lost(c.t->peer);
           if (!sending) throw DistError(why);
           // The peer may have hung up because of a mismatch it saw; its message may still be
           // waiting in our receive queue and says more than a broken pipe, so read on first.

@@ -58,6 +58,8 @@ class TcpLinks : public Links {
   void close() override;
 
  private:
+  std::string also_lost(int except) const;  // " (connections also closed by: ...)" or ""
+
   std::vector<std::vector<Socket>> sockets_;
   std::vector<std::string> names_;
   double timeout_s_;
