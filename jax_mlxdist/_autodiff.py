@@ -57,21 +57,23 @@ def _sum_scatter_transpose(ct, x, **params):
     return [P.all_gather_p.bind(_dense(ct), **params)]
 
 
-def _send_transpose(ct, x, *, group, dst):
+def _send_transpose(ct, x, *, group, dst, tag):
     # send returns x and hands x to dst: x's cotangent is its own plus the one dst sends back.
     ct = _dense(ct)
-    return [ct + P.recv_p.bind(ct, group=group, src=dst)]
+    return [ct + P.recv_p.bind(ct, group=group, src=dst, tag=tag)]
 
 
-def _recv_transpose(ct, template, *, group, src):
-    P.send_p.bind(_dense(ct), group=group, dst=src)  # kept alive by the ordered effect
+def _recv_transpose(ct, template, *, group, src, tag):
+    P.send_p.bind(_dense(ct), group=group, dst=src, tag=tag)  # kept alive by the ordered effect
     return [ad.Zero(template.aval) if ad.is_undefined_primal(template) else None]
 
 
 def _same_on_tangent(prim):
-    """JVP of a linear op: the op itself on the (instantiated) tangent."""
+    """JVP of a linear op: the op itself on the (instantiated) tangent. Point-to-point tangents
+    carry a higher tag, so a tangent can never be taken for a value by a recv."""
     def jvp(primals, tangents, **params):
-        return prim.bind(*primals, **params), prim.bind(*map(_dense, tangents), **params)
+        tangent_params = {**params, "tag": params["tag"] + 1} if "tag" in params else params
+        return prim.bind(*primals, **params), prim.bind(*map(_dense, tangents), **tangent_params)
     return jvp
 
 

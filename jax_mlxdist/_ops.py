@@ -125,7 +125,7 @@ def send(x, dst: int, *, group: Group | None = None, stream=None):
     g = resolve(group, "send")
     x = _array(x, "send")
     dst = _peer(g, dst, "send", "destination")
-    return _bind(P.send_p, x, group=g._handle, dst=dst)
+    return _bind(P.send_p, x, group=g._handle, dst=dst, tag=0)
 
 
 def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
@@ -151,7 +151,7 @@ def recv_like(x, src: int, *, group: Group | None = None, stream=None):
     g = resolve(group, "recv")
     x = _array(x, "recv")
     src = _peer(g, src, "recv", "source")
-    return _bind(P.recv_p, x, group=g._handle, src=src)
+    return _bind(P.recv_p, x, group=g._handle, src=src, tag=0)
 
 
 def barrier(*, group: Group | None = None, stream=None) -> None:

@@ -96,13 +96,14 @@ def _scattered(x, *, size, **_):
 
 
 # Params shared by the collectives: group (C++ handle), rank and size (static, for the shape
-# and autodiff rules); reduce and vjp for all-reduce, dst/src for point-to-point.
+# and autodiff rules); reduce and vjp for all-reduce; dst/src and tag (0 for values, k for
+# k-th order tangents) for point-to-point.
 all_reduce_p = _primitive("mlxdist_all_reduce", _same, ("group", "reduce"))
 all_gather_p = _primitive("mlxdist_all_gather", _gathered, ("group",))
 sum_scatter_p = _primitive("mlxdist_sum_scatter", _scattered, ("group",))
-send_p = _primitive("mlxdist_send", _same, ("group", "dst"), operand_output_aliases={0: 0})
+send_p = _primitive("mlxdist_send", _same, ("group", "dst", "tag"), operand_output_aliases={0: 0})
 # recv's operand is a template (shape and dtype) so that vmap and autodiff can reach it.
-recv_p = _primitive("mlxdist_recv", _same, ("group", "src"), operands=False)
+recv_p = _primitive("mlxdist_recv", _same, ("group", "src", "tag"), operands=False)
 barrier_p = _primitive("mlxdist_barrier", lambda **_: [], ("group",), multiple_results=True)
 
 # Identity forward, all_sum of the cotangent backward (nn.sum_gradients). Pure: no effect.

@@ -28,8 +28,10 @@ class Group {
   // in: size() * count elements; out: this rank's count-element block of the reduction.
   virtual void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
                               uint64_t shape_hash) = 0;
-  virtual void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash) = 0;
-  virtual void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash) = 0;
+  // tag: 0 for values, k for k-th order tangents, so autodiff's messages never pair with values.
+  virtual void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
+                    int tag) = 0;
+  virtual void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) = 0;
   virtual void barrier() = 0;
   // Collective over this group; ranks of one color form a new group ordered by (key, rank).
   virtual std::shared_ptr<Group> split(int color, int key) = 0;

@@ -18,7 +18,9 @@ std::string describe(const Header& h) {
     default: os << "op#" << int(h.op);
   }
   os << "(" << dtype_name(h.dtype) << ", " << h.nbytes << " bytes, shape#" << std::hex
-     << (h.shape_hash & 0xffff) << std::dec << ", call #" << h.seq << ")";
+     << (h.shape_hash & 0xffff) << std::dec << ", call #" << h.seq;
+  if (h.tag) os << ", a tangent of order " << int(h.tag);
+  os << ")";
   return os.str();
 }
 
@@ -31,7 +33,7 @@ void check_header(const Header& mine, const Header& theirs, const std::string& m
     fail("group mismatch: ", me, " is in group ", std::hex, mine.group, " but ", peer,
          " sent a message for group ", theirs.group);
   if (theirs.op != mine.op || theirs.dtype != mine.dtype || theirs.reduce != mine.reduce ||
-      theirs.seq != mine.seq || theirs.nbytes != mine.nbytes || theirs.shape_hash != mine.shape_hash)
+      theirs.seq != mine.seq || theirs.tag != mine.tag || theirs.nbytes != mine.nbytes || theirs.shape_hash != mine.shape_hash)
     fail("collective mismatch: ", me, " called ", describe(mine), " but ", peer, " called ",
          describe(theirs));
 }

@@ -22,7 +22,7 @@ struct Header {
   OpCode op = OpCode::kAllReduce;
   DType dtype = DType::kUInt8;
   ReduceOp reduce = ReduceOp::kSum;
-  uint8_t reserved = 0;
+  uint8_t tag = 0;          // send/recv: 0 for values, k for k-th order tangents (autodiff)
   uint64_t group = 0;
   uint64_t seq = 0;         // per-group collective counter, or per-peer counter for send/recv
   uint64_t nbytes = 0;      // this rank's input bytes

@@ -104,25 +104,25 @@ ffi::Future SumScatter(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer>
 
 // The output aliases x: send hands back its input so it stays in the graph.
 ffi::Future Send(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer>, ffi::Result<ffi::Token>,
-                 int64_t group, int64_t dst) {
+                 int64_t group, int64_t dst, int64_t tag) {
   DType t = to_dtype(x.element_type());
   if (t == DType::kCount) return failed("send: unsupported dtype");
   const void* in = x.untyped_data();
   size_t count = x.element_count();
   uint64_t h = shape_hash(x.dimensions());
   return post(group, "send to rank " + std::to_string(dst),
-              [=](Group& g) { g.send(in, count, t, int(dst), h); });
+              [=](Group& g) { g.send(in, count, t, int(dst), h, int(tag)); });
 }
 
 ffi::Future Recv(ffi::Token, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Token>, int64_t group,
-                 int64_t src) {
+                 int64_t src, int64_t tag) {
   DType t = to_dtype(y->element_type());
   if (t == DType::kCount) return failed("recv: unsupported dtype");
   void* out = y->untyped_data();
   size_t count = y->element_count();
   uint64_t h = shape_hash(y->dimensions());
   return post(group, "recv from rank " + std::to_string(src),
-              [=](Group& g) { g.recv(out, count, t, int(src), h); });
+              [=](Group& g) { g.recv(out, count, t, int(src), h, int(tag)); });
 }
 
 ffi::Future Barrier(ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
@@ -160,14 +160,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSend, Send,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Token>()
                                   .Attr<int64_t>("group")
-                                  .Attr<int64_t>("dst"));
+                                  .Attr<int64_t>("dst")
+                                  .Attr<int64_t>("tag"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kRecv, Recv,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Token>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Token>()
                                   .Attr<int64_t>("group")
-                                  .Attr<int64_t>("src"));
+                                  .Attr<int64_t>("src")
+                                  .Attr<int64_t>("tag"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kBarrier, Barrier,
                               ffi::Ffi::Bind().Arg<ffi::Token>().Ret<ffi::Token>().Attr<int64_t>("group"));
 

@@ -144,17 +144,20 @@ void RingGroup::check_peer(int peer, const char* what) const {
     fail("invalid ", what, " rank ", peer, " for this rank ", rank_, " of a group of size ", size());
 }
 
-void RingGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash) {
+void RingGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
+                     int tag) {
   check_peer(dst, "destination");
   const size_t bytes = count * dtype_size(t);
   Context ctx(*this, header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++));
+  ctx.header.tag = uint8_t(tag);
   ring::send(ctx, in, bytes, dst);
 }
 
-void RingGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash) {
+void RingGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
   check_peer(src, "source");
   const size_t bytes = count * dtype_size(t);
   Context ctx(*this, header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++));
+  ctx.header.tag = uint8_t(tag);
   ring::recv(ctx, out, bytes, src);
 }
 

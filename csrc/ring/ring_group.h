@@ -42,8 +42,9 @@ class RingGroup : public Group {
   void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) override;
   void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
                       uint64_t shape_hash) override;
-  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash) override;
-  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash) override;
+  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
+            int tag) override;
+  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
   void barrier() override;
   std::shared_ptr<Group> split(int color, int key) override;
   void abort() override;
