@@ -29,9 +29,11 @@ NB_MODULE(_C, m) {
   m.def(
       "init_ring",
       [](int rank, const std::vector<std::vector<std::string>>& hostfile,
-         const std::vector<int>& listen_fds, double timeout, bool verbose) {
+         const std::vector<int>& listen_fds, double timeout, const std::string& token,
+         bool verbose) {
         ring::Options opts;
         opts.timeout_s = timeout;
+        opts.token = token;
         opts.verbose = verbose;
         std::shared_ptr<Group> g;
         {
@@ -41,7 +43,7 @@ NB_MODULE(_C, m) {
         return add_group(std::move(g));
       },
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
-      nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
+      nb::arg("token") = "", nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
 
   m.def("group_info", [](int64_t handle) {
     auto e = engine_or_throw(handle);

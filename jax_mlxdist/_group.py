@@ -170,7 +170,8 @@ def init(strict: bool = False, backend: str = "any") -> Group:
         _world = Group(None, 0, 1, "ring")
         return _world
     verbose = os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
-    handle = _call(_C.init_ring, rank, hosts, fds, timeout(), verbose)
+    token = os.environ.get("MLXDIST_TOKEN", "")
+    handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, verbose)
     _world = Group(handle, rank, len(hosts), "ring")
     return _world
 

@@ -40,7 +40,8 @@ RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
     names.push_back(name + " at " + a.front().str());
   }
   int links = int(book_->addrs[world_ranks_[rank_]].size());
-  links_ = tcp::connect_mesh(addrs, names, rank_, id_, links, opts_.timeout_s, opts_.verbose);
+  links_ = tcp::connect_mesh(addrs, names, rank_, id_, links, opts_.timeout_s, opts_.token,
+                            opts_.verbose);
 }
 
 RingGroup::~RingGroup() { abort(); }

@@ -21,6 +21,7 @@ struct AddressBook {
 struct Options {
   double timeout_s = 300;
   bool verbose = false;
+  std::string token;  // MLXDIST_TOKEN: every connection proves it; empty: no authentication
   size_t chunk_bytes = 512 << 10;
   size_t small_bytes = 64 << 10;  // all-reduce at or below this: gather, then reduce in rank order
 };

@@ -18,9 +18,10 @@ void ensure_listening(const Address& addr, int inherited_fd);
 
 // Connects this member (me) of a new group with every other member, links_per_peer sockets per
 // pair: lower ranks connect to higher ones' addrs[peer][link]. names[i] labels member i.
+// A non-empty token must be proven by both ends of every connection (HMAC challenge).
 std::unique_ptr<TcpLinks> connect_mesh(const std::vector<std::vector<Address>>& addrs,
                                        const std::vector<std::string>& names, int me,
                                        uint64_t group, int links_per_peer, double timeout_s,
-                                       bool verbose);
+                                       const std::string& token, bool verbose);
 
 }  // namespace mlxdist::tcp

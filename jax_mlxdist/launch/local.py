@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import tempfile
 
@@ -30,6 +31,8 @@ class LocalRanks:
                 s.set_inheritable(True)
                 socks.append(s)
             self.sockets.append(socks)
+        # The job's secret: every connection between its ranks proves it (MLXDIST_TOKEN).
+        self.token = secrets.token_hex(16)
         self.hostfile = [[f"{host}:{s.getsockname()[1]}" for s in socks] for socks in self.sockets]
         fd, self.path = tempfile.mkstemp(prefix="mlxdist-hosts-", suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -40,6 +43,7 @@ class LocalRanks:
             "MLX_RANK": str(rank),
             "MLX_HOSTFILE": self.path,
             "MLXDIST_LISTEN_FDS": ",".join(str(s.fileno()) for s in self.sockets[rank]),
+            "MLXDIST_TOKEN": self.token,
         }
 
     def pass_fds_for(self, rank: int) -> tuple[int, ...]:
