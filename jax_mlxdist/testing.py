@@ -56,7 +56,9 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
               timeout: float = 120.0, env: dict[str, str] | None = None,
               connections_per_rank: int = 1) -> list[Any]:
     """fn(*args, **kwargs) on n ranks; returns the per-rank results in rank order."""
-    _by_value(fn)
+    for f in (fn, *args):  # functions passed along (a test body, say) travel by value too
+        if callable(f):
+            _by_value(f)
     with tempfile.TemporaryDirectory(prefix="mlxdist-ranks-") as tmp, \
             LocalRanks(n, connections_per_rank) as ranks:
         payload = os.path.join(tmp, "payload.pkl")
