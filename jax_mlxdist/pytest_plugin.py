@@ -4,7 +4,7 @@
     def test_sum(group, rank):
         assert float(dist.all_sum(1.0, group=group)) == group.size()
 
-    @pytest.mark.ranks(2, 4, timeout=60)  # once on 2 ranks, once on 4
+    @pytest.mark.ranks(2, 4, timeout=60, env={"JAX_ENABLE_X64": "1"})  # on 2 ranks, then 4
     def test_gather(group, rank, size): ...
 
 Inside the body the fixtures `group` (the initialised world group), `rank` and `size` are the
@@ -24,7 +24,7 @@ DEFAULT_TIMEOUT = 120.0
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "ranks(*counts, timeout=120): run the test body on subprocess ranks "
+        "markers", "ranks(*counts, timeout=120, env=None): run the test body on subprocess ranks "
         "(jax_mlxdist), once per rank count; fixtures group/rank/size are the rank's own")
 
 
@@ -80,5 +80,6 @@ def pytest_pyfunc_call(pyfuncitem):
     wanted = [k for k in RANK_FIXTURES if k in names]
     kwargs = {k: pyfuncitem.funcargs[k] for k in names if k not in RANK_FIXTURES}
     timeout = float(marker.kwargs.get("timeout", DEFAULT_TIMEOUT))
-    run_ranks(_run_on_rank, n, args=(pyfuncitem.obj, kwargs, wanted), timeout=timeout)
+    run_ranks(_run_on_rank, n, args=(pyfuncitem.obj, kwargs, wanted), timeout=timeout,
+              env=marker.kwargs.get("env"))
     return True
