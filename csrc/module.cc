@@ -30,8 +30,9 @@ NB_MODULE(_C, m) {
       "init_ring",
       [](int rank, const std::vector<std::vector<std::string>>& hostfile,
          const std::vector<int>& listen_fds, double timeout, const std::string& token,
-         bool verbose) {
+         const std::string& transport, bool verbose) {
         ring::Options opts;
+        opts.transport = transport;
         opts.timeout_s = timeout;
         opts.token = token;
         opts.verbose = verbose;
@@ -43,7 +44,7 @@ NB_MODULE(_C, m) {
         return add_group(std::move(g));
       },
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
-      nb::arg("token") = "", nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
+      nb::arg("token") = "", nb::arg("transport") = "auto", nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
 
   m.def("group_info", [](int64_t handle) {
     auto e = engine_or_throw(handle);

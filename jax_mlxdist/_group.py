@@ -142,6 +142,17 @@ def timeout() -> float:
     return value
 
 
+TRANSPORTS = ("auto", "tcp", "shm")
+
+
+def transport() -> str:
+    """MLXDIST_TRANSPORT: auto (shared memory when every rank is on this host), tcp or shm."""
+    value = os.environ.get("MLXDIST_TRANSPORT", "auto") or "auto"
+    if value not in TRANSPORTS:
+        raise DistributedError(f"MLXDIST_TRANSPORT={value!r}: expected one of {TRANSPORTS}")
+    return value
+
+
 def is_available(backend: str = "any") -> bool:
     """Whether a backend can be used in this process (as ``mx.distributed.is_available``)."""
     _check_backend(backend)
@@ -171,7 +182,7 @@ def init(strict: bool = False, backend: str = "any") -> Group:
         return _world
     verbose = os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
     token = os.environ.get("MLXDIST_TOKEN", "")
-    handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, verbose)
+    handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
     _world = Group(handle, rank, len(hosts), "ring")
     return _world
 

@@ -98,7 +98,9 @@ def _scattered(x, *, size, **_):
 # Params shared by the collectives: group (C++ handle), rank and size (static, for the shape
 # and autodiff rules); reduce and vjp for all-reduce; dst/src and tag (0 for values, k for
 # k-th order tangents) for point-to-point.
-all_reduce_p = _primitive("mlxdist_all_reduce", _same, ("group", "reduce"))
+# all_reduce writes its result over its input: no extra buffer when the input is donated.
+all_reduce_p = _primitive("mlxdist_all_reduce", _same, ("group", "reduce"),
+                          operand_output_aliases={0: 0})
 all_gather_p = _primitive("mlxdist_all_gather", _gathered, ("group",))
 sum_scatter_p = _primitive("mlxdist_sum_scatter", _scattered, ("group",))
 send_p = _primitive("mlxdist_send", _same, ("group", "dst", "tag"), operand_output_aliases={0: 0})

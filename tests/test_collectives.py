@@ -85,6 +85,12 @@ def test_every_op_and_dtype(group, rank, size):
             assert_close(got, np.split(total, size)[rank], (dt, shape, "scatter"))
 
 
+@pytest.mark.ranks(3, env={**X64, "MLXDIST_TRANSPORT": "tcp"}, timeout=240)
+def test_every_op_and_dtype_over_tcp(group, rank, size):
+    """The same checks with the data on sockets (ranks on one host default to shared memory)."""
+    test_every_op_and_dtype(group, rank, size)
+
+
 @pytest.mark.ranks(2, timeout=240)
 def test_larger_than_64_mib(rank):
     import jax.numpy as jnp
@@ -92,6 +98,11 @@ def test_larger_than_64_mib(rank):
     x = jnp.full((17 * 2**20 + 3,), rank + 1, jnp.float32)  # > 64 MiB
     y = dist.all_sum(x)
     assert y.shape == x.shape and float(y.min()) == float(y.max()) == 3.0
+
+
+@pytest.mark.ranks(2, env={"MLXDIST_TRANSPORT": "tcp"}, timeout=240)
+def test_larger_than_64_mib_over_tcp(rank):
+    test_larger_than_64_mib(rank)
 
 
 @pytest.mark.ranks(2, 3)

@@ -7,6 +7,12 @@ from jax_mlxdist.testing import run_ranks
 TIMEOUT = 5.0  # MLXDIST_TIMEOUT for these ranks
 
 
+@pytest.fixture(params=["tcp", "shm"])
+def env(request):
+    """Each failure is checked on both data paths: sockets, and shared memory on one host."""
+    return {"MLXDIST_TIMEOUT": str(TIMEOUT), "MLXDIST_TRANSPORT": request.param}
+
+
 def _attempt(fn):
     """Runs fn; returns (error text or None, seconds taken).
 
@@ -34,8 +40,8 @@ def body_shape_mismatch():
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_mismatched_shapes_raise_on_all_ranks(n):
-    results = run_ranks(body_shape_mismatch, n, env={"MLXDIST_TIMEOUT": str(TIMEOUT)})
+def test_mismatched_shapes_raise_on_all_ranks(n, env):
+    results = run_ranks(body_shape_mismatch, n, env=env)
     for r, ((err, took), (err2, _)) in enumerate(results):
         assert err is not None and "all_sum" in err, (r, err)
         assert took < TIMEOUT, (r, took)  # detected, not timed out
@@ -60,8 +66,8 @@ def body_order_mismatch():
     return _attempt(lambda: f(jnp.ones(4)).block_until_ready())
 
 
-def test_mismatched_order_raises_on_all_ranks():
-    results = run_ranks(body_order_mismatch, 2, env={"MLXDIST_TIMEOUT": str(TIMEOUT)})
+def test_mismatched_order_raises_on_all_ranks(env):
+    results = run_ranks(body_order_mismatch, 2, env=env)
     for r, (err, took) in enumerate(results):
         assert err is not None and "mismatch" in err, (r, err)
         assert "all_sum" in err and "all_gather" in err
@@ -80,10 +86,10 @@ def body_killed_mid_collective():
     return _attempt(lambda: dist.all_sum(jnp.ones(4_000_000)))
 
 
-def test_killed_rank_makes_others_raise():
+def test_killed_rank_makes_others_raise(env):
     from jax_mlxdist.testing import RanksFailed
     with pytest.raises(RanksFailed) as info:
-        run_ranks(body_killed_mid_collective, 3, env={"MLXDIST_TIMEOUT": str(TIMEOUT)})
+        run_ranks(body_killed_mid_collective, 3, env=env)
     report = info.value
     assert "rank 1" in str(report)
     for r in (0, 2):
@@ -103,8 +109,8 @@ def body_stalled_peer():
     return _attempt(lambda: dist.all_sum(jnp.ones(8)))
 
 
-def test_stalled_peer_times_out_with_its_name():
-    results = run_ranks(body_stalled_peer, 2, env={"MLXDIST_TIMEOUT": str(TIMEOUT)}, timeout=60)
+def test_stalled_peer_times_out_with_its_name(env):
+    results = run_ranks(body_stalled_peer, 2, env=env, timeout=60)
     err, took = results[0]
     assert err is not None and "timed out" in err and "rank 1" in err
     assert TIMEOUT - 0.5 < took < TIMEOUT + 3

@@ -19,7 +19,7 @@ class Group {
   virtual uint64_t id() const = 0;
   virtual const char* backend() const = 0;
 
-  // count elements of dtype t in and out (in != out).
+  // count elements of dtype t in and out (out may alias in).
   virtual void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
                           uint64_t shape_hash) = 0;
   // in: count elements; out: size() * count elements, rank-major.

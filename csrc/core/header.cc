@@ -15,6 +15,7 @@ std::string describe(const Header& h) {
     case OpCode::kSend: os << "send/recv"; break;
     case OpCode::kBarrier: os << "barrier"; break;
     case OpCode::kSplit: os << "split"; break;
+    case OpCode::kSetup: os << "group set-up"; break;
     default: os << "op#" << int(h.op);
   }
   os << "(" << dtype_name(h.dtype) << ", " << h.nbytes << " bytes, shape#" << std::hex

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <iostream>
 #include <numeric>
 
 #include "core/error.h"
 #include "ring/algorithms.h"
+#include "transport/shm.h"
 #include "transport/tcp_mesh.h"
 
 namespace mlxdist::ring {
@@ -42,6 +44,7 @@ RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
   int links = int(book_->addrs[world_ranks_[rank_]].size());
   links_ = tcp::connect_mesh(addrs, names, rank_, id_, links, opts_.timeout_s, opts_.token,
                             opts_.verbose);
+  if (opts_.transport != "tcp" && n > 1) try_shared_memory();
 }
 
 RingGroup::~RingGroup() { abort(); }
@@ -107,7 +110,7 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
       from_float32(w + off, static_cast<char*>(out) + off * es, layout.cnt[d][rank_], t);
     }
   } else {
-    std::memcpy(out, in, bytes);
+    if (out != in) std::memcpy(out, in, bytes);  // XLA aliases them when it can
     ring::reduce_scatter(ctx, static_cast<char*>(out), t, op, layout, scratch_);
   }
   ring::all_gather(ctx, static_cast<char*>(out), es, layout);
@@ -190,6 +193,70 @@ std::shared_ptr<Group> RingGroup::split(int color, int key) {
   }
   uint64_t new_id = mix(mix(id_, splits_++), uint64_t(uint32_t(color)));
   return std::make_shared<RingGroup>(new_id, new_rank, std::move(world), book_, opts_);
+}
+
+void RingGroup::try_shared_memory() {
+  const int n = size(), k = links_->links_per_peer();
+  std::unique_ptr<shm::Segment> own;
+  std::string why;
+  try {
+    own = shm::Segment::create(n, k, opts_.shm_ring_bytes);
+  } catch (const DistError& e) {
+    why = e.what();
+  }
+  // Round 1: where every member runs and the name of its segment.
+  struct Record {
+    char host[192];
+    char name[56];
+    uint32_t ok;
+    uint32_t pad;
+  };
+  std::vector<Record> all(n);
+  std::memset(all.data(), 0, n * sizeof(Record));
+  const std::string host = shm::host_identity();
+  std::strncpy(all[rank_].host, host.c_str(), sizeof(Record::host) - 1);
+  if (own) std::strncpy(all[rank_].name, own->name().c_str(), sizeof(Record::name) - 1);
+  all[rank_].ok = own != nullptr;
+  {
+    Context ctx(*this, header(OpCode::kSetup, DType::kUInt8, ReduceOp::kSum, sizeof(Record), 1, 0));
+    ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), sizeof(Record), Layout::blocks_of(1, n));
+  }
+  std::vector<std::unique_ptr<shm::Segment>> segments(n);
+  bool ok = own != nullptr;
+  for (int p = 0; p < n && ok; ++p) {
+    if (p == rank_) continue;
+    if (!all[p].ok || host != all[p].host) {
+      why = all[p].ok ? "rank " + std::to_string(p) + " runs on another host"
+                      : "rank " + std::to_string(p) + " has no shared memory";
+      ok = false;
+      break;
+    }
+    try {
+      segments[p] = shm::Segment::open(all[p].name, n, k, opts_.shm_ring_bytes);
+    } catch (const DistError& e) {
+      why = e.what();
+      ok = false;
+    }
+  }
+  // Round 2: shared memory only if every member mapped every segment.
+  std::vector<uint32_t> oks(n, 0);
+  oks[rank_] = ok;
+  {
+    Context ctx(*this, header(OpCode::kSetup, DType::kUInt32, ReduceOp::kSum, 4, 2, 0));
+    ring::all_gather(ctx, reinterpret_cast<char*>(oks.data()), 4, Layout::blocks_of(1, n));
+  }
+  if (own) own->unlink();  // every member has mapped it or given up: nothing stays in /dev/shm
+  for (int p = 0; p < n; ++p)
+    if (!oks[p] && why.empty()) why = "rank " + std::to_string(p) + " could not map shared memory";
+  if (!why.empty()) {
+    if (opts_.transport == "shm") fail("MLXDIST_TRANSPORT=shm but shared memory is not usable: ", why);
+    return;  // stay on TCP
+  }
+  segments[rank_] = std::move(own);
+  std::unique_ptr<tcp::TcpLinks> tcp(static_cast<tcp::TcpLinks*>(links_.release()));
+  links_ = std::make_unique<shm::ShmLinks>(std::move(tcp), rank_, std::move(segments), k,
+                                           opts_.shm_ring_bytes, opts_.timeout_s);
+  if (opts_.verbose) std::cerr << "[jax_mlxdist] " << label() << ": data over shared memory\n";
 }
 
 std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,

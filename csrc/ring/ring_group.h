@@ -22,6 +22,8 @@ struct Options {
   double timeout_s = 300;
   bool verbose = false;
   std::string token;  // MLXDIST_TOKEN: every connection proves it; empty: no authentication
+  std::string transport = "auto";  // MLXDIST_TRANSPORT: auto (shared memory on one host), tcp, shm
+  size_t shm_ring_bytes = 4 << 20;  // per (peer, link) ring in shared memory
   size_t chunk_bytes = 512 << 10;
   size_t small_bytes = 64 << 10;  // all-reduce at or below this: gather, then reduce in rank order
 };
@@ -53,6 +55,8 @@ class RingGroup : public Group {
  private:
   struct Context;
   Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq);
+  // Moves the data path to shared memory when every member is on this host (and allowed).
+  void try_shared_memory();
   void check_peer(int peer, const char* what) const;
 
   uint64_t id_;

@@ -179,9 +179,15 @@ TcpLinks::TcpLinks(std::vector<std::vector<Socket>> sockets, std::vector<std::st
 std::string TcpLinks::also_lost(int except) const {
   // A peer that fails a collective closes its connections, so the first closed connection a
   // rank sees may be a bystander's: name every peer already gone, the root cause among them.
+  std::string lost = lost_peers({}, except);
+  return lost.empty() ? "" : " (connections also closed by: " + lost + ")";
+}
+
+std::string TcpLinks::lost_peers(const std::vector<int>& which, int except) const {
   std::string lost;
   for (size_t p = 0; p < sockets_.size(); ++p) {
     if (int(p) == except || sockets_[p].empty()) continue;
+    if (!which.empty() && std::find(which.begin(), which.end(), int(p)) == which.end()) continue;
     for (const auto& s : sockets_[p]) {
       pollfd pfd{s.fd(), short(POLLIN | POLLRDHUP), 0};
       char byte;
@@ -195,7 +201,7 @@ std::string TcpLinks::also_lost(int except) const {
       }
     }
   }
-  return lost.empty() ? "" : " (connections also closed by: " + lost + ")";
+  return lost;
 }
 
 void TcpLinks::close() {

@@ -56,6 +56,8 @@ class TcpLinks : public Links {
   void run(std::vector<Transfer>& transfers, Deadline deadline) override;
   std::string describe_peer(int peer) const override { return names_[peer]; }
   void close() override;
+  // Names of the given peers (all but `except` when empty) whose connections are closed.
+  std::string lost_peers(const std::vector<int>& which, int except = -1) const;
 
  private:
   std::string also_lost(int except) const;  // " (connections also closed by: ...)" or ""

@@ -1,0 +1,226 @@
+#include "transport/shm.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <map>
+
+#include "core/error.h"
+#include "transport/auth.h"
+
+namespace mlxdist::shm {
+namespace {
+
+constexpr size_t kAlign = 128;                            // keeps hot counters on their own lines
+constexpr auto kSpin = std::chrono::microseconds(30);     // then sleep: never starve JAX's threads
+constexpr auto kNap = std::chrono::milliseconds(20);      // longest sleep between liveness checks
+
+long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* timeout) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, timeout, nullptr, 0);
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
+}  // namespace
+
+// Shared layout, identical in every process of the group.
+struct ShmLinks::Mailbox {
+  alignas(kAlign) std::atomic<uint32_t> doorbell;  // bumped after data or space appears for us
+  alignas(kAlign) std::atomic<uint32_t> sleepers;  // >0 while the owner sleeps on the doorbell
+};
+struct ShmLinks::RingHeader {
+  alignas(kAlign) std::atomic<uint64_t> head;  // bytes ever written (producer only)
+  alignas(kAlign) std::atomic<uint64_t> tail;  // bytes ever read (consumer only)
+};
+static_assert(sizeof(std::atomic<uint64_t>) == 8 && std::atomic<uint64_t>::is_always_lock_free,
+              "shared counters must be lock-free");
+
+std::string host_identity() {
+  std::string boot;
+  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot;
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  return boot + "/" + host;
+}
+
+size_t Segment::bytes_for(int peers, int links, size_t ring_bytes) {
+  return kAlign * 2 + size_t(peers) * links * (sizeof(ShmLinks::RingHeader) + ring_bytes);
+}
+
+std::unique_ptr<Segment> Segment::create(int peers, int links, size_t ring_bytes) {
+  auto nonce = auth::random_nonce();
+  char name[64];
+  snprintf(name, sizeof(name), "/mlxdist-%d-%02x%02x%02x%02x%02x%02x", int(getpid()), nonce[0],
+           nonce[1], nonce[2], nonce[3], nonce[4], nonce[5]);
+  int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0) fail("shm_open(", name, "): ", std::strerror(errno));
+  size_t bytes = bytes_for(peers, links, ring_bytes);
+  // Reserve the memory now: a full /dev/shm must fail here, not as SIGBUS on first touch.
+  int rc = posix_fallocate(fd, 0, off_t(bytes));
+  void* p = rc == 0 ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  ::close(fd);
+  if (p == MAP_FAILED) {
+    shm_unlink(name);
+    fail("cannot allocate ", bytes, " bytes of shared memory: ", std::strerror(rc ? rc : errno));
+  }
+  return std::unique_ptr<Segment>(new Segment(name, static_cast<char*>(p), bytes, true));
+}
+
+std::unique_ptr<Segment> Segment::open(const std::string& name, int peers, int links,
+                                       size_t ring_bytes) {
+  int fd = shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0) fail("shm_open(", name, "): ", std::strerror(errno));
+  size_t bytes = bytes_for(peers, links, ring_bytes);
+  struct stat st {};
+  void* p = (fstat(fd, &st) == 0 && size_t(st.st_size) == bytes)
+                ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                : MAP_FAILED;
+  ::close(fd);
+  if (p == MAP_FAILED) fail("cannot map the shared segment ", name);
+  return std::unique_ptr<Segment>(new Segment(name, static_cast<char*>(p), bytes, false));
+}
+
+void Segment::unlink() {
+  if (owner_ && linked_) shm_unlink(name_.c_str());
+  linked_ = false;
+}
+
+Segment::~Segment() {
+  unlink();
+  munmap(base_, bytes_);
+}
+
+ShmLinks::ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me,
+                   std::vector<std::unique_ptr<Segment>> segments, int links, size_t ring_bytes,
+                   double timeout_s)
+    : tcp_(std::move(tcp)), me_(me), n_(int(segments.size())), segments_(std::move(segments)),
+      links_(links), ring_bytes_(ring_bytes), timeout_s_(timeout_s) {}
+
+ShmLinks::Mailbox* ShmLinks::mailbox(int owner) const {
+  return reinterpret_cast<Mailbox*>(segments_[owner]->base());
+}
+
+ShmLinks::RingHeader* ShmLinks::ring(int owner, int from, int link) const {
+  size_t slot = size_t(from) * links_ + size_t(link);
+  char* p = segments_[owner]->base() + kAlign * 2 + slot * (sizeof(RingHeader) + ring_bytes_);
+  return reinterpret_cast<RingHeader*>(p);
+}
+
+void ShmLinks::ring_bell(int owner) const {
+  Mailbox* m = mailbox(owner);
+  m->doorbell.fetch_add(1, std::memory_order_acq_rel);
+  if (m->sleepers.load(std::memory_order_acquire) > 0) futex(&m->doorbell, FUTEX_WAKE, INT32_MAX, nullptr);
+}
+
+void ShmLinks::close() {
+  tcp_->close();  // peers notice at their next liveness check
+}
+
+namespace {
+struct Cursor {
+  Transfer* t;
+  size_t seg = 0, off = 0;
+  bool done() const { return seg == t->segments.size(); }
+  void settle() {
+    while (!done() && off == t->segments[seg].len) {
+      if (!t->is_send && t->segments[seg].on_done) t->segments[seg].on_done();
+      ++seg;
+      off = 0;
+    }
+  }
+};
+}  // namespace
+
+void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
+  // One FIFO per ring (peer, link, direction), as on TCP, so both sides agree on byte order.
+  std::map<std::tuple<bool, int, int>, std::vector<Cursor>> queues;
+  std::map<std::tuple<bool, int, int>, size_t> heads;
+  for (auto& t : transfers) {
+    if (t.peer < 0 || t.peer >= n_ || t.peer == me_) fail("internal: bad peer ", t.peer);
+    queues[{!t.is_send, t.peer, t.link % links_}].push_back(Cursor{&t});
+  }
+  const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  Mailbox* mine = mailbox(me_);
+  auto idle_since = Clock::now();
+  for (;;) {
+    const uint32_t bell = mine->doorbell.load(std::memory_order_acquire);
+    bool progressed = false, pending = false;
+    std::string waiting;  // for the timeout message
+    std::vector<int> waiting_on;
+    for (auto& [key, q] : queues) {
+      auto [is_recv, peer, link] = key;
+      size_t& h = heads[key];
+      while (h < q.size()) {
+        Cursor& c = q[h];
+        c.settle();
+        if (c.done()) { ++h; continue; }
+        mlxdist::Segment& s = c.t->segments[c.seg];
+        char* p = static_cast<char*>(s.data) + c.off;
+        size_t want = s.len - c.off;
+        RingHeader* r = is_recv ? ring(me_, peer, link) : ring(peer, me_, link);
+        char* data = reinterpret_cast<char*>(r) + sizeof(RingHeader);
+        uint64_t head = r->head.load(std::memory_order_acquire);
+        uint64_t tail = r->tail.load(std::memory_order_acquire);
+        size_t n = is_recv ? std::min<uint64_t>(want, head - tail)
+                           : std::min<uint64_t>(want, ring_bytes_ - (head - tail));
+        if (n == 0) {
+          pending = true;
+          waiting_on.push_back(peer);
+          waiting += (waiting.empty() ? "" : ", ") +
+                     std::string(is_recv ? "receiving from " : "sending to ") + describe_peer(peer);
+          break;
+        }
+        uint64_t pos = (is_recv ? tail : head) % ring_bytes_;
+        size_t first = std::min<size_t>(n, ring_bytes_ - pos);
+        if (is_recv) {
+          std::memcpy(p, data + pos, first);
+          std::memcpy(p + first, data, n - first);
+          r->tail.store(tail + n, std::memory_order_release);
+          ring_bell(peer);  // the sender may be waiting for space
+        } else {
+          std::memcpy(data + pos, p, first);
+          std::memcpy(data, p + first, n - first);
+          r->head.store(head + n, std::memory_order_release);
+          ring_bell(peer);  // the receiver may be waiting for data
+        }
+        c.off += n;
+        progressed = true;
+      }
+    }
+    if (!pending) return;
+    auto now = Clock::now();
+    if (progressed) {
+      idle_since = now;
+      deadline = std::max(deadline, now + stall);
+      continue;
+    }
+    if (now - idle_since < kSpin) {
+      cpu_relax();
+      continue;
+    }
+    // Nothing moved for a while: sleep on our doorbell, waking to check peers are alive.
+    std::string lost = tcp_->lost_peers(waiting_on);  // only peers we wait for: others may be done
+    if (!lost.empty()) fail("lost connection to ", lost);
+    if (now >= deadline) fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) ", waiting);
+    auto nap = std::min<Clock::duration>(kNap, deadline - now);
+    timespec ts{time_t(nap / std::chrono::seconds(1)),
+                long((nap % std::chrono::seconds(1)) / std::chrono::nanoseconds(1))};
+    mine->sleepers.fetch_add(1, std::memory_order_acq_rel);
+    futex(&mine->doorbell, FUTEX_WAIT, bell, &ts);
+    mine->sleepers.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+}  // namespace mlxdist::shm

@@ -1,0 +1,69 @@
+// Shared-memory byte movers for ranks on one host: every rank owns a segment holding one
+// single-producer ring per (peer, link) it receives from, plus a doorbell futex. Senders copy
+// into the receiver's ring; nothing crosses a socket on the data path. The group's TCP
+// connections stay open beside it: they carry the set-up and reveal a peer that died.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/transfer.h"
+#include "transport/tcp.h"
+
+namespace mlxdist::shm {
+
+// "boot id/hostname": ranks with equal identities share a kernel, hence /dev/shm.
+std::string host_identity();
+
+// One rank's segment: created (and later unlinked) by its owner, opened by its peers.
+class Segment {
+ public:
+  // Creates a zeroed segment for `peers` x `links` incoming rings of ring_bytes each.
+  static std::unique_ptr<Segment> create(int peers, int links, size_t ring_bytes);
+  static std::unique_ptr<Segment> open(const std::string& name, int peers, int links,
+                                       size_t ring_bytes);
+  ~Segment();
+  const std::string& name() const { return name_; }
+  void unlink();  // after every peer has mapped it: nothing is left behind in /dev/shm
+  char* base() const { return base_; }
+  static size_t bytes_for(int peers, int links, size_t ring_bytes);
+
+ private:
+  Segment(std::string name, char* base, size_t bytes, bool owner)
+      : name_(std::move(name)), base_(base), bytes_(bytes), owner_(owner) {}
+  std::string name_;
+  char* base_;
+  size_t bytes_;
+  bool owner_;
+  bool linked_ = true;
+};
+
+class ShmLinks : public Links {
+ public:
+  // segments[p] is rank p's segment (segments[me] our own); tcp stays open for liveness.
+  ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, std::vector<std::unique_ptr<Segment>> segments,
+           int links, size_t ring_bytes, double timeout_s);
+  int links_per_peer() const override { return links_; }
+  void run(std::vector<Transfer>& transfers, Deadline deadline) override;
+  std::string describe_peer(int peer) const override { return tcp_->describe_peer(peer); }
+  void close() override;
+
+  struct Mailbox;     // shared layout, in shm.cc
+  struct RingHeader;
+
+ private:
+  RingHeader* ring(int owner, int from, int link) const;
+  Mailbox* mailbox(int owner) const;
+  void ring_bell(int owner) const;
+
+  std::unique_ptr<tcp::TcpLinks> tcp_;
+  int me_;
+  int n_;
+  std::vector<std::unique_ptr<Segment>> segments_;
+  int links_;
+  size_t ring_bytes_;
+  double timeout_s_;
+};
+
+}  // namespace mlxdist::shm
