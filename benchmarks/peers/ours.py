@@ -1,0 +1,20 @@
+"""Rank script for jax_mlxdist (ring backend), started by `python -m jax_mlxdist.launch -n N`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax_mlxdist as dist  # noqa: E402
+
+from common import Control, control_port, serve  # noqa: E402
+from jax_cases import JaxImpl  # noqa: E402
+
+group = dist.init(strict=True)
+ctl = Control(control_port(), group.rank(), group.size())
+ctl.hello()
+serve(JaxImpl(group.rank(), group.size(),
+              {"all_sum": dist.all_sum, "all_gather": dist.all_gather,
+               "sum_scatter": dist.sum_scatter},
+              barrier=dist.barrier), ctl)
+group.close()
