@@ -76,20 +76,24 @@ def main() -> None:
     p.add_argument("-n", type=int, nargs="+", default=[2, 4], help="rank counts")
     p.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES, help="bytes per rank")
     p.add_argument("--batches", type=int, default=5)
+    p.add_argument("--transport", nargs="+", default=["tcp", "shm"], choices=["tcp", "shm"],
+                   help="data paths to measure (MLXDIST_TRANSPORT)")
     args = p.parse_args()
     for n in args.n:
-        per_rank = run_ranks(measure, n, args=(args.sizes, args.batches), timeout=1800)
-        worst = {k: max(r[k] for r in per_rank) for k in per_rank[0]}
-        print(f"\nring backend, n = {n} (slowest rank, median of {args.batches} batches)")
-        print(f"| size | all_sum time | all_sum bus GB/s | all_gather time | all_gather bus GB/s |")
-        print("| --- | --- | --- | --- | --- |")
-        for b in args.sizes:
-            b = max(4, b // 4 * 4)
-            ts, tg = worst["all_sum", b], worst["all_gather", b]
-            bus_s = 2 * (n - 1) / n * b / ts / 1e9
-            bus_g = (n - 1) / n * (n * b) / tg / 1e9
-            print(f"| {_fmt_size(b)} | {_fmt_time(ts)} | {bus_s:.3f} | {_fmt_time(tg)} | {bus_g:.3f} |")
-        print(f"4 B all_sum inside one jitted fori_loop of 1,000: {_fmt_time(worst['loop'])} per op")
+        for transport in args.transport:
+            per_rank = run_ranks(measure, n, args=(args.sizes, args.batches), timeout=1800,
+                                 env={"MLXDIST_TRANSPORT": transport})
+            worst = {k: max(r[k] for r in per_rank) for k in per_rank[0]}
+            print(f"\nring backend over {transport}, n = {n} (slowest rank, median of {args.batches} batches)")
+            print(f"| size | all_sum time | all_sum bus GB/s | all_gather time | all_gather bus GB/s |")
+            print("| --- | --- | --- | --- | --- |")
+            for b in args.sizes:
+                b = max(4, b // 4 * 4)
+                ts, tg = worst["all_sum", b], worst["all_gather", b]
+                bus_s = 2 * (n - 1) / n * b / ts / 1e9
+                bus_g = (n - 1) / n * (n * b) / tg / 1e9
+                print(f"| {_fmt_size(b)} | {_fmt_time(ts)} | {bus_s:.3f} | {_fmt_time(tg)} | {bus_g:.3f} |")
+            print(f"4 B all_sum inside one jitted fori_loop of 1,000: {_fmt_time(worst['loop'])} per op")
 
 
 if __name__ == "__main__":

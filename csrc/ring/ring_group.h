@@ -23,7 +23,7 @@ struct Options {
   bool verbose = false;
   std::string token;  // MLXDIST_TOKEN: every connection proves it; empty: no authentication
   std::string transport = "auto";  // MLXDIST_TRANSPORT: auto (shared memory on one host), tcp, shm
-  size_t shm_ring_bytes = 4 << 20;  // per (peer, link) ring in shared memory
+  size_t shm_ring_bytes = 2 << 20;  // per (peer, link) ring in shared memory: 4 chunks
   size_t chunk_bytes = 512 << 10;
   size_t small_bytes = 64 << 10;  // all-reduce at or below this: gather, then reduce in rank order
 };

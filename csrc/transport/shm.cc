@@ -212,7 +212,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     }
     // Nothing moved for a while: sleep on our doorbell, waking to check peers are alive.
     std::string lost = tcp_->lost_peers(waiting_on);  // only peers we wait for: others may be done
-    if (!lost.empty()) fail("lost connection to ", lost);
+    if (!lost.empty()) fail(lost, " closed the connection");
     if (now >= deadline) fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) ", waiting);
     auto nap = std::min<Clock::duration>(kNap, deadline - now);
     timespec ts{time_t(nap / std::chrono::seconds(1)),
