@@ -28,6 +28,22 @@ struct Transfer {
   std::vector<Segment> segments;
 };
 
+// A transport's progress through one transfer's segments.
+struct Cursor {
+  Transfer* t;
+  size_t seg = 0;
+  size_t off = 0;
+  bool done() const { return seg == t->segments.size(); }
+  // Steps past finished (and empty) segments, running receive callbacks as they complete.
+  void settle() {
+    while (!done() && off == t->segments[seg].len) {
+      if (!t->is_send && t->segments[seg].on_done) t->segments[seg].on_done();
+      ++seg;
+      off = 0;
+    }
+  }
+};
+
 class Links {
  public:
   virtual ~Links() = default;

@@ -128,21 +128,6 @@ void ShmLinks::close() {
   tcp_->close();  // peers notice at their next liveness check
 }
 
-namespace {
-struct Cursor {
-  Transfer* t;
-  size_t seg = 0, off = 0;
-  bool done() const { return seg == t->segments.size(); }
-  void settle() {
-    while (!done() && off == t->segments[seg].len) {
-      if (!t->is_send && t->segments[seg].on_done) t->segments[seg].on_done();
-      ++seg;
-      off = 0;
-    }
-  }
-};
-}  // namespace
-
 void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   // One FIFO per ring (peer, link, direction), as on TCP, so both sides agree on byte order.
   std::map<std::tuple<bool, int, int>, std::vector<Cursor>> queues;

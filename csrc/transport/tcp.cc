@@ -209,26 +209,6 @@ void TcpLinks::close() {
     for (auto& s : per_peer) s.close();
 }
 
-namespace {
-
-// Progress of one transfer through its segments.
-struct Cursor {
-  Transfer* t;
-  size_t seg = 0;
-  size_t off = 0;
-  bool done() const { return seg == t->segments.size(); }
-  // Skips empty segments (running their callbacks).
-  void settle() {
-    while (!done() && off == t->segments[seg].len) {
-      if (!t->is_send && t->segments[seg].on_done) t->segments[seg].on_done();
-      ++seg;
-      off = 0;
-    }
-  }
-};
-
-}  // namespace
-
 void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   // One FIFO of cursors per (direction, socket): only its head moves bytes. Sends sort first,
   // so this rank's header is on the wire before a received one can fail a check.
