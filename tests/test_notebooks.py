@@ -1,6 +1,7 @@
 """The notebooks run top to bottom in a real kernel, and the %%ranks magic behaves there."""
 
 import pathlib
+import tempfile
 
 import nbformat
 import pytest
@@ -9,8 +10,16 @@ from nbclient import NotebookClient
 NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 
 
+def client(nb, **kwargs):
+    # The kernel starts outside the checkout, so it imports the installed package (a kernel
+    # puts its working directory first on sys.path, where a source tree would shadow it).
+    cwd = tempfile.mkdtemp(prefix="mlxdist-nb-")
+    return NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": cwd}},
+                          **kwargs)
+
+
 def execute(nb, **kwargs):
-    NotebookClient(nb, timeout=300, kernel_name="python3", **kwargs).execute()
+    client(nb, timeout=300, **kwargs).execute()
     return nb
 
 
@@ -55,7 +64,7 @@ def test_magic_keeps_state_interrupts_and_restarts():
         "%%ranks -n 2\n'x' in dir()",
         "%ranks close",
     )
-    NotebookClient(nb, timeout=20, kernel_name="python3", interrupt_on_timeout=True).execute()
+    client(nb, timeout=20, interrupt_on_timeout=True).execute()
     out = [text_of(c) for c in nb.cells]
     assert "KeyboardInterrupt" in out[2] and "[rank 1] looping" in out[2]
     assert "[rank 0] 1" in out[3] and "[rank 1] 11" in out[3]  # state survived the interrupt
