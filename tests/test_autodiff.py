@@ -2,14 +2,14 @@
 
 Each pattern defines per-rank parameters and a global objective of all of them. The ranks
 compute gradients with jax.grad through the collectives (eagerly, under jit, and through
-jax.checkpoint) and central finite differences of the global objective in float64; the test
-process computes the same objective in one process, with no communication, as reference.
+jax.checkpoint) and central finite differences of the global objective in float64, and check
+them against the same objective computed locally, with no communication, as reference. The
+bodies run on the ranks through the pytest plugin (@pytest.mark.ranks).
 """
 
 import numpy as np
 import pytest
 
-from jax_mlxdist.testing import run_ranks
 
 X64 = {"JAX_ENABLE_X64": "1"}
 K = 3  # parameters per rank
@@ -113,17 +113,16 @@ def body_gradients(eps):
     return out
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_gradients_match_global_objective(n):
+@pytest.mark.ranks(2, 3, 4, env=X64, timeout=300)
+def test_gradients_match_global_objective(rank, size):
     import jax
     import jax.numpy as jnp
-    jax.config.update("jax_enable_x64", True)
-    eps = 1e-6
-    results = run_ranks(body_gradients, n, args=(eps,), env=X64, timeout=300)
+    n, eps = size, 1e-6
+    res = body_gradients(eps)
     for name, objective in global_objectives(jnp, n).items():
         W = np.stack([tie_params(r) if name in ("all_max", "all_min") else params(r) for r in range(n)])
         reference = np.asarray(jax.grad(objective)(jnp.asarray(W)))
-        for r, res in enumerate(results):
+        for r in (rank,):
             for how in ("grad", "jit", "remat"):
                 np.testing.assert_allclose(res[name, how], reference[r], rtol=1e-9, atol=1e-12,
                                            err_msg=f"{name} {how} rank {r}")
@@ -131,7 +130,7 @@ def test_gradients_match_global_objective(n):
             np.testing.assert_allclose(res[name, "fd"][smooth], reference[r][smooth], rtol=1e-5,
                                        atol=1e-6, err_msg=f"{name} finite differences rank {r}")
     # The tie goes to rank 0 alone.
-    assert results[0]["all_min", "grad"][0] != 0 and all(res["all_min", "grad"][0] == 0 for res in results[1:])
+    assert (res["all_min", "grad"][0] != 0) == (rank == 0)
 
 
 def body_parallel_patterns():
@@ -167,12 +166,12 @@ def body_parallel_patterns():
     return tp, w_final
 
 
-def test_tensor_and_data_parallel_match_single_process():
+@pytest.mark.ranks(2, env=X64)
+def test_tensor_and_data_parallel_match_single_process(rank, size):
     import jax
     import jax.numpy as jnp
-    jax.config.update("jax_enable_x64", True)
-    n = 2
-    results = run_ranks(body_parallel_patterns, n, env=X64)
+    n = size
+    results = {rank: body_parallel_patterns()}
     rng = np.random.default_rng(7)
     W1, W2, x = rng.normal(size=(2 * n, 3)), rng.normal(size=(3, 2 * n)), rng.normal(size=3)
     data = rng.normal(size=(4 * n, 3))
@@ -180,7 +179,7 @@ def test_tensor_and_data_parallel_match_single_process():
     w = jnp.zeros(3)
     for _ in range(5):
         w = w - 0.1 * jax.grad(lambda w: jnp.mean((data @ w - 1.0) ** 2))(w)
-    for r, ((tx, tw1, tw2), w_final) in enumerate(results):
+    for r, ((tx, tw1, tw2), w_final) in results.items():
         np.testing.assert_allclose(tx, gx, rtol=1e-9)
         np.testing.assert_allclose(tw1, gw1[2 * r:2 * r + 2], rtol=1e-9)
         np.testing.assert_allclose(tw2, gw2[:, 2 * r:2 * r + 2], rtol=1e-9)
@@ -205,11 +204,12 @@ def body_jvp_and_transpose():
     }
 
 
-def test_jvp_and_linear_transpose():
-    n = 3
-    res = run_ranks(body_jvp_and_transpose, n)
+@pytest.mark.ranks(3)
+def test_jvp_and_linear_transpose(rank, size):
+    n = size
+    res = {rank: body_jvp_and_transpose()}
     ts = sum(np.ones(2 * n) * (r + 1) for r in range(n))
-    for r, out in enumerate(res):
+    for r, out in res.items():
         np.testing.assert_allclose(out["jvp_sum"][1], ts)
         np.testing.assert_allclose(out["jvp_gather"][1], np.concatenate([np.ones(2 * n) * (q + 1) for q in range(n)]))
         np.testing.assert_allclose(out["jvp_scatter"][1], ts[2 * r:2 * r + 2])
@@ -243,8 +243,9 @@ def body_vmap():
     return out
 
 
+@pytest.mark.ranks(2)
 def test_vmap_equals_loop():
-    for res in run_ranks(body_vmap, 2):
+    for res in (body_vmap(),):
         assert ("gather", 1) in res and ("scatter", -1) in res
         for key, (batched, looped) in res.items():
             np.testing.assert_array_equal(batched, looped, err_msg=str(key))
@@ -270,6 +271,7 @@ def body_custom_vjp():
     return jax.jit(jax.grad(lambda x: jnp.sum(scaled_sum(x) * (r + 1))))(jnp.ones(2))
 
 
+@pytest.mark.ranks(2)
 def test_collectives_inside_custom_vjp():
-    for g in run_ranks(body_custom_vjp, 2):
+    for g in (body_custom_vjp(),):
         np.testing.assert_allclose(g, [1.5, 1.5])  # (1 + 2) * 0.5
