@@ -1,5 +1,27 @@
-"""Gradient helpers and (soon) tensor-parallel layers, in plain JAX on top of the collectives."""
+"""Tensor-parallel layers, fully sharded data parallel and gradient helpers (MLX's toolbox),
+in plain JAX on top of the collectives. Modules are pytree dataclasses: pass them to jax.grad
+and jax.jit directly."""
 
-from jax_mlxdist.nn._gradients import sum_gradients
+from jax_mlxdist.nn._fsdp import fully_shard
+from jax_mlxdist.nn._gradients import average_gradients, clip_grad_norm_sharded, sum_gradients
+from jax_mlxdist.nn._linear import (
+    AllToShardedLinear,
+    ShardedToAllLinear,
+    all_to_sharded_linear,
+    sharded_to_all_linear,
+)
+from jax_mlxdist.nn._quantized import (
+    QuantizedAllToShardedLinear,
+    QuantizedShardedToAllLinear,
+    dequantize,
+    quantize,
+    quantized_linear,
+)
+from jax_mlxdist.nn._sharding import shard_inplace, shard_linear
 
-__all__ = ["sum_gradients"]
+__all__ = [
+    "AllToShardedLinear", "QuantizedAllToShardedLinear", "QuantizedShardedToAllLinear",
+    "ShardedToAllLinear", "all_to_sharded_linear", "average_gradients", "clip_grad_norm_sharded",
+    "dequantize", "fully_shard", "quantize", "quantized_linear", "shard_inplace", "shard_linear",
+    "sharded_to_all_linear", "sum_gradients",
+]

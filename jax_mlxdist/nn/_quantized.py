@@ -1,0 +1,128 @@
+"""Group-wise affine quantization (4 or 8 bits; groups of 32, 64 or 128 along the input) and
+the quantized tensor-parallel layers. Packed as MLX does: 32 // bits values per uint32."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jax_mlxdist._errors import DistributedError
+from jax_mlxdist._group import Group, resolve
+from jax_mlxdist._ops import all_sum
+from jax_mlxdist.nn._gradients import sum_gradients
+from jax_mlxdist.nn._sharding import shard_array
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def _check(group_size: int, bits: int, in_dims: int) -> None:
+    if bits not in BITS or group_size not in GROUP_SIZES:
+        raise DistributedError(f"quantize: bits must be one of {BITS} and group_size one of "
+                               f"{GROUP_SIZES}, got bits={bits}, group_size={group_size}")
+    if in_dims % group_size:
+        raise DistributedError(f"quantize: the input size {in_dims} is not a multiple of the "
+                               f"group size {group_size}")
+
+
+def quantize(w, group_size: int = 64, bits: int = 4):
+    """(packed uint32 weight, scales, biases) with w ~ scales * q + biases per group."""
+    w = jnp.asarray(w, jnp.float32)
+    out_dims, in_dims = w.shape
+    _check(group_size, bits, in_dims)
+    groups = w.reshape(out_dims, in_dims // group_size, group_size)
+    lo, hi = groups.min(-1), groups.max(-1)
+    levels = 2**bits - 1
+    scales = jnp.where(hi > lo, (hi - lo) / levels, 1.0)
+    q = jnp.clip(jnp.round((groups - lo[..., None]) / scales[..., None]), 0, levels).astype(jnp.uint32)
+    per_word = 32 // bits
+    q = q.reshape(out_dims, in_dims // per_word, per_word)
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
+    packed = jnp.sum(q << shifts, axis=-1, dtype=jnp.uint32)
+    return packed, scales, lo
+
+
+def dequantize(packed, scales, biases, group_size: int = 64, bits: int = 4):
+    per_word = 32 // bits
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
+    q = (packed[..., None] >> shifts) & jnp.uint32(2**bits - 1)
+    out_dims = packed.shape[0]
+    q = q.reshape(out_dims, -1, group_size).astype(jnp.float32)
+    return (q * scales[..., None] + biases[..., None]).reshape(out_dims, -1)
+
+
+def is_quantized(module) -> bool:
+    return (isinstance(module, dict) and "scales" in module) or hasattr(module, "scales")
+
+
+def _fields(q):
+    get = (lambda k, d=None: q.get(k, d)) if isinstance(q, dict) else (lambda k, d=None: getattr(q, k, d))
+    return (jnp.asarray(get("weight")), jnp.asarray(get("scales")), jnp.asarray(get("biases")),
+            None if get("bias") is None else jnp.asarray(get("bias")),
+            int(get("group_size", 64)), int(get("bits", 4)))
+
+
+def quantized_linear(weight, bias=None, *, group_size: int = 64, bits: int = 4) -> dict:
+    """A quantized linear layer as a dict, from a float weight (out, in)."""
+    packed, scales, biases = quantize(weight, group_size, bits)
+    return {"weight": packed, "scales": scales, "biases": biases, "bias": bias,
+            "group_size": group_size, "bits": bits}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantizedAllToShardedLinear:
+    """AllToShardedLinear with a quantized weight (this rank's output rows)."""
+    weight: jax.Array
+    scales: jax.Array
+    biases: jax.Array
+    bias: jax.Array | None
+    group_size: int = dataclasses.field(metadata=dict(static=True))
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    group: Group = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
+        g = resolve(group, "QuantizedAllToShardedLinear.from_quantized_linear")
+        w, s, b, bias, gs, bits = _fields(q)
+        if w.shape[0] % g.size():
+            raise DistributedError(f"Cannot shard the output of size {w.shape[0]} across {g.size()} devices.")
+        rows = lambda a: shard_array(a, 0, segments, g)
+        return cls(rows(w), rows(s), rows(b), None if bias is None else shard_array(bias, -1, segments, g),
+                   gs, bits, g)
+
+    def __call__(self, x):
+        w = dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+        y = sum_gradients(self.group)(x) @ w.T.astype(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantizedShardedToAllLinear:
+    """ShardedToAllLinear with a quantized weight (this rank's input columns)."""
+    weight: jax.Array
+    scales: jax.Array
+    biases: jax.Array
+    bias: jax.Array | None
+    group_size: int = dataclasses.field(metadata=dict(static=True))
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    group: Group = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
+        g = resolve(group, "QuantizedShardedToAllLinear.from_quantized_linear")
+        w, s, b, bias, gs, bits = _fields(q)
+        in_dims = s.shape[-1] * gs
+        if in_dims % (g.size() * gs):
+            raise DistributedError(f"The input of size {in_dims} cannot be sharded across {g.size()} "
+                                   f"devices in whole groups of {gs}.")
+        cols = lambda a: shard_array(a, -1, segments, g)  # packed words and groups split alike
+        return cls(cols(w), cols(s), cols(b), bias, gs, bits, g)
+
+    def __call__(self, x):
+        w = dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+        y = all_sum(x @ w.T.astype(x.dtype), group=self.group)
+        return y if self.bias is None else y + self.bias
