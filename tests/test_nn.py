@@ -160,3 +160,15 @@ def test_clip_grad_norm_sharded_uses_the_global_norm(group, rank, size):
     clipped, norm = nn.clip_grad_norm_sharded(grads, 1.0, group=group)
     np.testing.assert_allclose(norm, total, rtol=1e-5)
     np.testing.assert_allclose(clipped["w"], grads["w"] / total, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_tensor_parallel_example_matches_single_process(n):
+    import pathlib
+    import subprocess
+    import sys
+    example = pathlib.Path(__file__).parent.parent / "examples" / "tensor_parallel.py"
+    out = subprocess.run([sys.executable, "-P", "-m", "jax_mlxdist.launch", "-n", str(n), str(example),
+                          "--steps", "30"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(match)" in out.stdout
