@@ -39,6 +39,10 @@ def test_linear_layers_match_the_unsharded_model(group, rank, size):
     np.testing.assert_allclose(gb.weight, rows(f2["weight"], rank, size, axis=1), rtol=RTOL, atol=1e-6)
     np.testing.assert_allclose(gb.bias, f2["bias"], rtol=RTOL, atol=1e-6)
     np.testing.assert_allclose(gx, fx, rtol=RTOL, atol=1e-6)  # input gradient summed over ranks
+    # Any object with .weight/.bias (an Equinox or Flax layer) works like the dict.
+    from types import SimpleNamespace
+    obj = nn.AllToShardedLinear.from_linear(SimpleNamespace(**first), group=group)
+    np.testing.assert_array_equal(obj.weight, a.weight)
     # Functional forms give the same outputs.
     np.testing.assert_allclose(nn.all_to_sharded_linear(x, a.weight, a.bias), a(x), rtol=RTOL)
 
