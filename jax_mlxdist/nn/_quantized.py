@@ -10,8 +10,7 @@ import jax.numpy as jnp
 
 from jax_mlxdist._errors import DistributedError
 from jax_mlxdist._group import Group, resolve
-from jax_mlxdist._ops import all_sum
-from jax_mlxdist.nn._gradients import sum_gradients
+from jax_mlxdist.nn._linear import all_to_sharded_linear, sharded_to_all_linear
 from jax_mlxdist.nn._sharding import shard_array
 
 BITS = (4, 8)
@@ -71,10 +70,9 @@ def quantized_linear(weight, bias=None, *, group_size: int = 64, bits: int = 4) 
             "group_size": group_size, "bits": bits}
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class QuantizedAllToShardedLinear:
-    """AllToShardedLinear with a quantized weight (this rank's output rows)."""
+class _Quantized:
+    """A quantized weight (packed, scales, biases), an optional float bias, and the group."""
     weight: jax.Array
     scales: jax.Array
     biases: jax.Array
@@ -82,6 +80,15 @@ class QuantizedAllToShardedLinear:
     group_size: int = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
     group: Group = dataclasses.field(metadata=dict(static=True))
+
+    def dense_weight(self, dtype):
+        return dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits).astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantizedAllToShardedLinear(_Quantized):
+    """AllToShardedLinear with a quantized weight (this rank's output rows)."""
 
     @classmethod
     def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
@@ -94,22 +101,13 @@ class QuantizedAllToShardedLinear:
                    gs, bits, g)
 
     def __call__(self, x):
-        w = dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
-        y = sum_gradients(self.group)(x) @ w.T.astype(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return all_to_sharded_linear(x, self.dense_weight(x.dtype), self.bias, group=self.group)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class QuantizedShardedToAllLinear:
+class QuantizedShardedToAllLinear(_Quantized):
     """ShardedToAllLinear with a quantized weight (this rank's input columns)."""
-    weight: jax.Array
-    scales: jax.Array
-    biases: jax.Array
-    bias: jax.Array | None
-    group_size: int = dataclasses.field(metadata=dict(static=True))
-    bits: int = dataclasses.field(metadata=dict(static=True))
-    group: Group = dataclasses.field(metadata=dict(static=True))
 
     @classmethod
     def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
@@ -123,6 +121,4 @@ class QuantizedShardedToAllLinear:
         return cls(cols(w), cols(s), cols(b), bias, gs, bits, g)
 
     def __call__(self, x):
-        w = dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
-        y = all_sum(x @ w.T.astype(x.dtype), group=self.group)
-        return y if self.bias is None else y + self.bias
+        return sharded_to_all_linear(x, self.dense_weight(x.dtype), self.bias, group=self.group)
