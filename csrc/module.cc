@@ -5,7 +5,11 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
+#include <cstring>
+
 #include "core/error.h"
+#include "core/header.h"
 #include "core/registry.h"
 #include "ffi/handlers.h"
 #include "ring/ring_group.h"
@@ -31,9 +35,13 @@ NB_MODULE(_C, m) {
       [](int rank, const std::vector<std::vector<std::string>>& hostfile,
          const std::vector<int>& listen_fds, double timeout, const std::string& token,
          const std::string& transport, bool verbose) {
+        // Python validates MLXDIST_TIMEOUT; this guards direct callers, since a NaN or an
+        // enormous value would overflow the deadline arithmetic.
+        if (!(timeout > 0) || !std::isfinite(timeout))
+          fail("init: the timeout must be a positive number of seconds, got ", timeout);
         ring::Options opts;
         opts.transport = transport;
-        opts.timeout_s = timeout;
+        opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
         opts.token = token;
         opts.verbose = verbose;
         std::shared_ptr<Group> g;
@@ -65,6 +73,20 @@ NB_MODULE(_C, m) {
     nb::gil_scoped_release release;
     remove_group(handle);
   });
+
+  // Test hook for the wire-header decoder: compares two raw 40-byte headers as a receiver
+  // does (mine: expected, theirs: received); returns None or raises DistError.
+  m.def(
+      "_check_header",
+      [](nb::bytes mine, nb::bytes theirs) {
+        if (mine.size() != sizeof(Header) || theirs.size() != sizeof(Header))
+          fail("a header is ", sizeof(Header), " bytes, got ", mine.size(), " and ", theirs.size());
+        Header a, b;
+        std::memcpy(&a, mine.c_str(), sizeof(Header));
+        std::memcpy(&b, theirs.c_str(), sizeof(Header));
+        check_header(a, b, "this rank", "the peer");
+      },
+      nb::arg("mine"), nb::arg("theirs"));
 
   m.def("ffi_targets", [] {
     nb::dict d;

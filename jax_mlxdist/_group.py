@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
+import operator
 import os
+import stat
+import threading
 import weakref
 
 import jax
@@ -18,6 +22,7 @@ from jax_mlxdist._errors import DistributedError
 
 BACKENDS = ("any", "ring", "jaccl", "nccl")
 DEFAULT_TIMEOUT = 300.0
+MAX_TIMEOUT = 1e7  # longer (or inf) means no timeout in practice; keeps deadlines finite
 
 
 class Group:
@@ -29,6 +34,7 @@ class Group:
         self._size = size
         self._backend = backend
         self._closed = False
+        self._owner: threading.Thread | None = None  # the thread issuing its collectives
         if handle is not None:
             _live.add(self)
 
@@ -52,10 +58,15 @@ class Group:
         Collective over this group: every rank must call it. key=-1 keeps this group's order.
         """
         self._check_open("split")
-        if not isinstance(color, int) or not isinstance(key, int):
-            raise DistributedError(f"split: color and key must be ints, got {color!r}, {key!r}")
+        self._claim("split")
+        try:
+            color, key = operator.index(color), operator.index(key)
+        except TypeError:
+            raise DistributedError(
+                f"split: color and key must be ints, got {color!r}, {key!r}") from None
         if not -2**31 <= color < 2**31 or not -2**31 <= key < 2**31:
-            raise DistributedError("split: color and key must fit in 32 bits")
+            raise DistributedError(
+                f"split: color and key must fit in 32 bits, got {color}, {key}")
         if self._handle is None:
             return Group(None, 0, 1, self._backend)
         jax.effects_barrier()  # earlier collectives on this group finish first
@@ -69,12 +80,14 @@ class Group:
             return
         self._closed = True
         _live.discard(self)
-        if self._handle is not None:
-            jax.effects_barrier()
-            _C.close_group(self._handle)
         global _world
         if _world is self:
             _world = None
+        if self._handle is not None:
+            try:
+                jax.effects_barrier()  # raises if a pending collective failed
+            finally:
+                _C.close_group(self._handle)  # released even then
 
     def __enter__(self) -> "Group":
         return self
@@ -89,6 +102,26 @@ class Group:
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise DistributedError(f"{what}: the group {self!r} is closed")
+
+    def _claim(self, what: str) -> None:
+        """Collectives on a group come from one thread at a time.
+
+        Ranks pair calls by their order on the group; two threads issuing collectives would
+        order them differently on different ranks and pair the wrong calls (silently, when
+        shapes agree). The first thread to issue one owns the group until it exits; another
+        thread raises. Checked by the collectives (and split) when called eagerly or traced.
+        """
+        me = threading.current_thread()
+        owner = self._owner
+        if owner is me:
+            return
+        if owner is not None and owner.is_alive():
+            raise DistributedError(
+                f"{what}: {self!r} is used by thread {owner.name!r}; collectives on one group "
+                f"must all be issued from one thread (called from {me.name!r}). Ranks pair "
+                "calls by their order, which two threads would not keep. Give each thread its "
+                "own group (g.split(0) once per thread, in the same order on every rank)")
+        self._owner = me
 
 
 _world: Group | None = None
@@ -110,7 +143,7 @@ def _ring_config() -> tuple[int, list[list[str]], list[int]] | None:
     try:
         with open(path) as f:
             hosts = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep JSON
         raise DistributedError(f"init: cannot read MLX_HOSTFILE={path!r}: {e}") from None
     if (not isinstance(hosts, list) or not hosts
             or not all(isinstance(h, list) and h and all(isinstance(a, str) for a in h)
@@ -120,26 +153,70 @@ def _ring_config() -> tuple[int, list[list[str]], list[int]] | None:
     if len({len(h) for h in hosts}) != 1:
         raise DistributedError("init: every rank in MLX_HOSTFILE must list the same number of "
                                "addresses (one socket per entry)")
+    for r, entries in enumerate(hosts):
+        for a in entries:
+            _check_address(a, r, path)
+    raw = os.environ.get("MLX_RANK")
     try:
-        rank = int(os.environ["MLX_RANK"])
-    except (KeyError, ValueError):
-        raise DistributedError("init: MLX_HOSTFILE is set but MLX_RANK is missing or not an int")
+        rank = int(raw)
+    except (TypeError, ValueError):
+        raise DistributedError(
+            f"init: MLX_HOSTFILE is set but MLX_RANK={raw!r} is missing or not an int") from None
     if not 0 <= rank < len(hosts):
         raise DistributedError(f"init: MLX_RANK={rank} but MLX_HOSTFILE lists {len(hosts)} ranks")
-    fds = [int(fd) for fd in os.environ.get("MLXDIST_LISTEN_FDS", "").split(",") if fd.strip()]
-    return rank, hosts, fds
+    return rank, hosts, _listen_fds(len(hosts[rank]))
+
+
+def _check_address(entry: str, rank: int, path: str) -> None:
+    host, sep, port = entry.rpartition(":")
+    if (not sep or not host or not port.isascii() or not port.isdigit()
+            or not 0 <= int(port) <= 65535 or "\0" in host):
+        raise DistributedError(
+            f"init: MLX_HOSTFILE={path!r}: rank {rank}'s address {entry!r} is not \"ip:port\"")
+
+
+def _listen_fds(count: int) -> list[int]:
+    """MLXDIST_LISTEN_FDS: inherited listening sockets, one per hostfile entry of this rank."""
+    raw = os.environ.get("MLXDIST_LISTEN_FDS", "")
+    fds = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        try:
+            fd = int(item)
+        except ValueError:
+            fd = -1
+        if not 0 <= fd < 2**31:
+            raise DistributedError(f"init: MLXDIST_LISTEN_FDS={raw!r}: {item!r} is not an fd")
+        try:
+            is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            raise DistributedError(
+                f"init: MLXDIST_LISTEN_FDS={raw!r}: fd {fd} is not an open socket (it must be "
+                "inherited from the launcher)")
+        fds.append(fd)
+    if fds and len(fds) != count:
+        raise DistributedError(
+            f"init: MLXDIST_LISTEN_FDS={raw!r} has {len(fds)} sockets but the hostfile lists "
+            f"{count} addresses for this rank")
+    return fds
 
 
 def timeout() -> float:
-    """MLXDIST_TIMEOUT in seconds: how long any wait on a peer may stall."""
+    """MLXDIST_TIMEOUT in seconds: how long any wait on a peer may stall.
+
+    Values above MAX_TIMEOUT (115 days), "inf" included, are cut to it.
+    """
     raw = os.environ.get("MLXDIST_TIMEOUT", "")
     try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT
+        value = float(raw) if raw.strip() else DEFAULT_TIMEOUT
     except ValueError:
         raise DistributedError(f"MLXDIST_TIMEOUT={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise DistributedError(f"MLXDIST_TIMEOUT={raw!r} must be positive")
-    return value
+    if math.isnan(value) or value <= 0:
+        raise DistributedError(f"MLXDIST_TIMEOUT={raw!r} must be a positive number of seconds")
+    return min(value, MAX_TIMEOUT)
 
 
 TRANSPORTS = ("auto", "tcp", "shm")

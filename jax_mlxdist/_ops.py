@@ -7,6 +7,8 @@ and a failure surfaces when the program's results are used.
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,13 @@ from jax_mlxdist._group import Group, resolve
 SUPPORTED_DTYPES = frozenset(np.dtype(d) for d in (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", jnp.bfloat16, "float32", "float64", "complex64"))
+
+
+def _resolve(group: Group | None, op: str) -> Group:
+    """The group a collective runs on; the calling thread must be the one using it."""
+    g = resolve(group, op)
+    g._claim(op)
+    return g
 
 
 def _array(x, op: str) -> jax.Array:
@@ -47,7 +56,7 @@ VJP_MODES = ("identity", "all_sum")
 
 def _reduce(x, group: Group | None, op: str, vjp: str = "identity"):
     name = f"all_{op}"
-    g = resolve(group, name)
+    g = _resolve(group, name)
     if vjp not in VJP_MODES:
         raise DistributedError(f"{name}: vjp must be one of {VJP_MODES}, got {vjp!r}")
     x = _array(x, name)
@@ -88,7 +97,7 @@ def all_prod(x, *, group: Group | None = None, stream=None):
 
 def all_gather(x, *, group: Group | None = None, stream=None):
     """Every rank's x concatenated along axis 0, in rank order; a scalar gives shape (size,)."""
-    g = resolve(group, "all_gather")
+    g = _resolve(group, "all_gather")
     x = _array(x, "all_gather")
     if g.size() == 1:
         return x.reshape(1) if x.ndim == 0 else x
@@ -97,7 +106,7 @@ def all_gather(x, *, group: Group | None = None, stream=None):
 
 def sum_scatter(x, *, group: Group | None = None, stream=None):
     """This rank's block (axis 0 split in size() equal parts) of the sum of x over the ranks."""
-    g = resolve(group, "sum_scatter")
+    g = _resolve(group, "sum_scatter")
     x = _array(x, "sum_scatter")
     if x.ndim == 0 or x.shape[0] % g.size() != 0:
         raise DistributedError(
@@ -122,7 +131,7 @@ def _peer(g: Group, peer, op: str, role: str) -> int:
 
 def send(x, dst: int, *, group: Group | None = None, stream=None):
     """Send x to rank dst; returns x, so the send stays in the computation."""
-    g = resolve(group, "send")
+    g = _resolve(group, "send")
     x = _array(x, "send")
     dst = _peer(g, dst, "send", "destination")
     return _bind(P.send_p, x, group=g._handle, dst=dst, tag=0)
@@ -130,15 +139,20 @@ def send(x, dst: int, *, group: Group | None = None, stream=None):
 
 def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
     """Receive an array of this shape and dtype sent by rank src."""
-    dtype = np.dtype(dtype)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise DistributedError(f"recv: {dtype!r} is not a dtype") from None
     if dtype not in SUPPORTED_DTYPES:
         raise DistributedError(f"recv: dtype {dtype} is not supported")
-    try:
-        shape = tuple(int(d) for d in (shape if np.iterable(shape) else (shape,)))
-    except (TypeError, ValueError):
+    try:  # operator.index: 2.5 is not a dimension (int() would quietly make it 2)
+        shape = tuple(operator.index(d) for d in (shape if np.iterable(shape) else (shape,)))
+    except TypeError:
         raise DistributedError(f"recv: shape must be a tuple of ints, got {shape!r}") from None
     if any(d < 0 for d in shape):
         raise DistributedError(f"recv: negative dimension in shape {shape}")
+    if int(np.prod(shape, dtype=object)) * dtype.itemsize >= 2**62:
+        raise DistributedError(f"recv: shape {shape} is too large")
     return recv_like(jnp.zeros(shape, dtype), src, group=group)
 
 
@@ -148,7 +162,7 @@ def recv_like(x, src: int, *, group: Group | None = None, stream=None):
     x is only a template, but gradients and vmap follow it: receive into a template that is
     differentiable (or batched) exactly when the matching send's array is.
     """
-    g = resolve(group, "recv")
+    g = _resolve(group, "recv")
     x = _array(x, "recv")
     src = _peer(g, src, "recv", "source")
     return _bind(P.recv_p, x, group=g._handle, src=src, tag=0)
@@ -156,6 +170,6 @@ def recv_like(x, src: int, *, group: Group | None = None, stream=None):
 
 def barrier(*, group: Group | None = None, stream=None) -> None:
     """Return once every rank of the group has reached this barrier."""
-    g = resolve(group, "barrier")
+    g = _resolve(group, "barrier")
     if g.size() > 1:
         _bind(P.barrier_p, group=g._handle)

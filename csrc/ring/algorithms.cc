@@ -44,6 +44,14 @@ void add_recv(std::vector<Transfer>& ts, Context& ctx, int peer, int link, char*
   ts.push_back(std::move(t));
 }
 
+// One ring step. The timeout bounds a stall, not the whole op: each step gets a fresh
+// window, or a long op whose earlier steps used up the first one would fail a step that
+// merely had nothing to read at its first poll.
+void run_step(Context& ctx, std::vector<Transfer>& ts) {
+  ctx.deadline = std::max(ctx.deadline, Clock::now() + ctx.stall);
+  ctx.links.run(ts, ctx.deadline);
+}
+
 }  // namespace
 
 Layout Layout::split_halves(size_t count, int nblocks) {
@@ -97,7 +105,7 @@ void reduce_scatter(Context& ctx, char* work, DType wire, ReduceOp op, const Lay
       add_recv(ts, ctx, mod(r - sign, n), d, region_start, layout.cnt[d][rb] * es, chunk, &hdr[d],
                [=](char* p, size_t len) { reduce_into(acc + (p - region_start), p, len / es, wire, op); });
     }
-    ctx.links.run(ts, ctx.deadline);
+    run_step(ctx, ts);
   }
 }
 
@@ -116,21 +124,21 @@ void all_gather(Context& ctx, char* buf, size_t es, const Layout& layout) {
       add_recv(ts, ctx, mod(r - sign, n), d, buf + layout.off[d][rb] * es, layout.cnt[d][rb] * es,
                chunk, &hdr[d], nullptr);
     }
-    ctx.links.run(ts, ctx.deadline);
+    run_step(ctx, ts);
   }
 }
 
 void send(Context& ctx, const void* buf, size_t bytes, int dst) {
   std::vector<Transfer> ts;
   add_send(ts, ctx, dst, 0, static_cast<const char*>(buf), bytes, std::max<size_t>(bytes, 1));
-  ctx.links.run(ts, ctx.deadline);
+  run_step(ctx, ts);
 }
 
 void recv(Context& ctx, void* buf, size_t bytes, int src) {
   std::vector<Transfer> ts;
   Header hdr;
   add_recv(ts, ctx, src, 0, static_cast<char*>(buf), bytes, std::max<size_t>(bytes, 1), &hdr, nullptr);
-  ctx.links.run(ts, ctx.deadline);
+  run_step(ctx, ts);
 }
 
 }  // namespace mlxdist::ring

@@ -17,7 +17,8 @@ struct Context {
   int rank;
   int size;
   Header header;       // the op's header, sent with every chunk and expected in every chunk
-  Deadline deadline;
+  Deadline deadline;    // the op's first wait may last until then
+  Clock::duration stall;  // MLXDIST_TIMEOUT: every later wait (one per ring step) restarts it
   std::string me;      // "rank 0 of <group>" for messages
   size_t chunk_bytes;  // payload per frame
 };

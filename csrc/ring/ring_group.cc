@@ -56,6 +56,8 @@ void RingGroup::abort() {
 struct RingGroup::Context : ring::Context {
   Context(RingGroup& g, const Header& h)
       : ring::Context{*g.links_, g.rank_, g.size(), h, deadline_after(g.opts_.timeout_s),
+                      std::chrono::duration_cast<Clock::duration>(
+                          std::chrono::duration<double>(g.opts_.timeout_s)),
                       "rank " + std::to_string(g.rank_), g.opts_.chunk_bytes} {}
 };
 

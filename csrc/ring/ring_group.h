@@ -18,6 +18,9 @@ struct AddressBook {
   std::vector<std::vector<tcp::Address>> addrs;
 };
 
+// Longer timeouts are cut to this (115 days: effectively none) so deadlines cannot overflow.
+constexpr double kMaxTimeout = 1e7;
+
 struct Options {
   double timeout_s = 300;
   bool verbose = false;
