@@ -259,7 +259,10 @@ def init(strict: bool = False, backend: str = "any") -> Group:
         return _world
     verbose = os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
     token = os.environ.get("MLXDIST_TOKEN", "")
-    handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
+    try:
+        handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
+    except DistributedError as e:  # say which step failed: connecting, not a collective
+        raise DistributedError(f"init (rank {rank} of {len(hosts)}): {e}") from None
     _world = Group(handle, rank, len(hosts), "ring")
     return _world
 

@@ -74,7 +74,7 @@ void Engine::loop() {
     }
     task.done(error);
   }
-  group_->abort();
+  group_->close();  // a failed group was reset already
 }
 
 }  // namespace mlxdist

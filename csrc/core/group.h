@@ -37,6 +37,8 @@ class Group {
   virtual std::shared_ptr<Group> split(int color, int key) = 0;
   // Drop all connections (peers then fail fast instead of waiting for the timeout).
   virtual void abort() = 0;
+  // Release the connections after the last op, letting bytes already sent arrive.
+  virtual void close() { abort(); }
 
   // "group 1a2b (rank 0 of 4)" for messages.
   std::string label() const;

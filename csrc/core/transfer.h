@@ -53,7 +53,10 @@ class Links {
   virtual void run(std::vector<Transfer>& transfers, Deadline deadline) = 0;
   // "rank 3 (10.0.0.2:5000)", for error messages.
   virtual std::string describe_peer(int peer) const = 0;
-  virtual void close() = 0;
+  virtual void close() = 0;  // graceful: bytes already handed over are still delivered
+  // After a failure: drop everything now, so peers fail at once even when unsent bytes (which
+  // would hold back a graceful close's FIN behind a full window) are queued.
+  virtual void reset() { close(); }
 };
 
 }  // namespace mlxdist

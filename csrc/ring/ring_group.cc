@@ -47,9 +47,13 @@ RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
   if (opts_.transport != "tcp" && n > 1) try_shared_memory();
 }
 
-RingGroup::~RingGroup() { abort(); }
+RingGroup::~RingGroup() { close(); }
 
 void RingGroup::abort() {
+  if (links_) links_->reset();
+}
+
+void RingGroup::close() {
   if (links_) links_->close();
 }
 

@@ -54,6 +54,7 @@ class RingGroup : public Group {
   void barrier() override;
   std::shared_ptr<Group> split(int color, int key) override;
   void abort() override;
+  void close() override;
 
  private:
   struct Context;

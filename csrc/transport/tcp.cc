@@ -209,6 +209,14 @@ void TcpLinks::close() {
     for (auto& s : per_peer) s.close();
 }
 
+void TcpLinks::reset() {
+  const linger abortive{1, 0};
+  for (auto& per_peer : sockets_)
+    for (auto& s : per_peer)
+      if (s.valid()) setsockopt(s.fd(), SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+  close();
+}
+
 void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   // One FIFO of cursors per (direction, socket): only its head moves bytes. Sends sort first,
   // so this rank's header is on the wire before a received one can fail a check.

@@ -56,6 +56,7 @@ class TcpLinks : public Links {
   void run(std::vector<Transfer>& transfers, Deadline deadline) override;
   std::string describe_peer(int peer) const override { return names_[peer]; }
   void close() override;
+  void reset() override;  // abortive close (RST)
   // Names of the given peers (all but `except` when empty) whose connections are closed.
   std::string lost_peers(const std::vector<int>& which, int except = -1) const;
 

@@ -1,0 +1,208 @@
+"""Misuse on real ranks: bad arguments, closed groups, threads, unmatched sends.
+
+Argument errors raise before anything is sent and leave the group working; a communication
+error (an unmatched large send times out) leaves the group failed, every later call raising
+with the original error.
+"""
+
+import time
+
+import pytest
+
+from jax_mlxdist.testing import run_ranks
+
+TIMEOUT = 3.0
+MARGIN = 2.5
+
+
+def _error(fn):
+    """The error text of fn(), or None; any error must be a DistributedError."""
+    import jax
+    import jax_mlxdist as dist
+    try:
+        fn()
+        return None
+    except jax.errors.JaxRuntimeError as e:
+        assert dist.is_distributed_error(e), e
+        return str(e)
+
+
+def body_bad_arguments():
+    import numpy as np
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    one = jnp.float32(1)
+    errors = {}
+    cases = {
+        "split float color": lambda: g.split(1.5),
+        "split str color": lambda: g.split("a"),
+        "split color 2**31": lambda: g.split(2**31),
+        "split key below 32 bits": lambda: g.split(0, key=-2**31 - 1),
+        "split None key": lambda: g.split(0, key=None),
+        "send float dst": lambda: dist.send(one, 1.0),
+        "send bool dst": lambda: dist.send(one, True),
+        "send huge dst": lambda: dist.send(one, 2**40),
+        "send numpy dst out of range": lambda: dist.send(one, np.int64(2)),
+        "recv negative src": lambda: dist.recv((2,), jnp.float32, -1),
+        "recv src self": lambda: dist.recv_like(one, g.rank()),
+        "recv fractional shape": lambda: dist.recv((2.5,), jnp.float32, 1 - g.rank()),
+        "recv huge shape": lambda: dist.recv((2**40, 2**40), jnp.float32, 1 - g.rank()),
+        "recv bad dtype": lambda: dist.recv((2,), "not a dtype", 1 - g.rank()),
+        "sum_scatter scalar": lambda: dist.sum_scatter(one),
+        "sum_scatter 3 over 2": lambda: dist.sum_scatter(jnp.ones(3)),
+        "all_max complex": lambda: dist.all_max(jnp.ones(2, jnp.complex64)),
+        "unsupported dtype": lambda: dist.all_sum(np.ones(2, np.float128)
+                                                  if hasattr(np, "float128") else "text"),
+        "group not a Group": lambda: dist.all_sum(one, group="world"),
+    }
+    for name, fn in cases.items():
+        errors[name] = _error(fn)
+        # After each argument error the group still works, with the right values.
+        errors[name + ": then"] = float(dist.all_sum(one))
+    sub = g.split(np.int64(0), key=np.int32(1 - g.rank()))  # numpy ints are fine; key reverses
+    empty = dist.sum_scatter(jnp.ones((0, 3)))
+    return errors, sub.rank(), empty.shape
+
+
+def test_bad_arguments_raise_and_leave_the_group_working():
+    for rank, (errors, sub_rank, empty_shape) in enumerate(run_ranks(body_bad_arguments, 2)):
+        for name, value in errors.items():
+            if name.endswith(": then"):
+                assert value == 2.0, name
+            else:
+                assert value is not None, name
+        assert "32 bits" in errors["split color 2**31"]
+        assert "must be ints" in errors["split str color"]
+        assert "invalid destination rank 2" in errors["send numpy dst out of range"]
+        assert "shape must be a tuple of ints" in errors["recv fractional shape"]
+        assert "divisible by the group size 2" in errors["sum_scatter 3 over 2"]
+        assert sub_rank == 1 - rank
+        assert empty_shape == (0, 3)
+
+
+def body_closed_group():
+    import jax
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    sub = g.split(0)
+    f = jax.jit(lambda x: dist.all_sum(x, group=sub))
+    before = float(f(jnp.float32(2)))
+    sub.close()
+    sub.close()  # closing twice is fine
+    errors = [_error(lambda: dist.all_sum(jnp.ones(2), group=sub)),
+              _error(lambda: f(jnp.float32(2)).block_until_ready()),  # compiled before close
+              _error(lambda: sub.split(0)),
+              _error(lambda: dist.barrier(group=sub))]
+    after = float(dist.all_sum(jnp.float32(1)))  # the world group is unaffected
+    g.close()
+    again = float(dist.all_sum(jnp.float32(1)))  # a closed world: the next op re-initialises
+    return before, errors, after, again, dist.init() is not g
+
+
+def test_closed_group_raises_and_others_keep_working():
+    for before, errors, after, again, fresh in run_ranks(body_closed_group, 2):
+        assert before == 4.0 and after == 2.0 and again == 2.0 and fresh
+        for err in errors:
+            assert err is not None and "closed" in err, err
+
+
+def body_threads():
+    import threading
+    import jax
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    sub = g.split(0)
+    assert float(dist.all_sum(jnp.float32(1))) == 2  # the main thread now uses the world group
+    out = {}
+
+    def worker():
+        out["world"] = _error(lambda: dist.all_sum(jnp.float32(1)))
+        out["jit"] = _error(lambda: jax.jit(lambda x: dist.all_gather(x))(jnp.ones(2)))
+        out["split"] = _error(lambda: g.split(1))
+        out["sub"] = float(dist.all_sum(jnp.float32(1), group=sub))  # its own group: fine
+
+    t = threading.Thread(target=worker, name="worker")
+    t.start()
+    t.join(60)
+    assert not t.is_alive()
+    out["after"] = float(dist.all_sum(jnp.float32(3)))  # the main thread's calls were unharmed
+    out["sub after worker"] = float(dist.all_sum(jnp.float32(1), group=sub))  # it has exited
+    return out
+
+
+def test_second_thread_on_a_group_is_refused():
+    for out in run_ranks(body_threads, 2):
+        for key in ("world", "jit", "split"):
+            assert out[key] is not None and "used by thread 'MainThread'" in out[key], out
+            assert "called from 'worker'" in out[key]
+        assert out["sub"] == 2.0 and out["after"] == 6.0 and out["sub after worker"] == 2.0
+
+
+def _wait_for_peer_hangup(timeout):
+    """Blocks until a peer closes one of this rank's connections (bounded)."""
+    import os
+    import select
+    import socket
+    poller = select.poll()
+    socks = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            s = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
+                s.getpeername()
+                socks.append(s)
+                poller.register(s, select.POLLRDHUP)
+            else:
+                s.close()
+        except OSError:
+            continue
+    try:
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def body_unmatched_send():
+    import time
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    side = g.split(0)  # its own connections: a side channel that the world group cannot block
+    # Small: the send completes before the receiver has even posted its recv.
+    if g.rank() == 0:
+        dist.send(jnp.arange(3.0), 1)
+        dist.barrier(group=side)
+        small = None
+    else:
+        dist.barrier(group=side)  # rank 0's send has returned by now
+        small = dist.recv((3,), jnp.float32, 0).tolist()
+    # Large (64 MB, more than any socket or shared-memory buffer): the sender times out.
+    if g.rank() == 0:
+        t = time.monotonic()
+        err = _error(lambda: dist.send(jnp.ones(16 << 20), 1))
+        took = time.monotonic() - t
+        later = _error(lambda: dist.all_sum(jnp.float32(1)))
+    else:
+        assert _wait_for_peer_hangup(60), "rank 0 never gave up"
+        err, took = None, 0.0
+        later = _error(lambda: dist.all_sum(jnp.float32(1)))
+    side_ok = float(dist.all_sum(jnp.float32(1), group=side))  # another group is unaffected
+    return small, err, took, later, side_ok
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_send_without_recv(transport):
+    env = {"MLXDIST_TIMEOUT": str(TIMEOUT), "MLXDIST_TRANSPORT": transport}
+    (s0, err, took, later0, ok0), (small, _, _, later1, ok1) = run_ranks(
+        body_unmatched_send, 2, env=env, timeout=60)
+    assert small == [0.0, 1.0, 2.0]
+    assert err is not None and "timed out" in err and "sending to rank 1" in err, err
+    assert TIMEOUT - 0.5 < took < TIMEOUT + MARGIN, took
+    # The failed group stays failed: later calls raise with the original error.
+    assert "earlier error" in later0 and "timed out" in later0, later0
+    assert later1 is not None and "rank 0" in later1, later1
+    assert ok0 == ok1 == 2.0
