@@ -2,7 +2,7 @@
 in plain JAX on top of the collectives. Modules are pytree dataclasses: pass them to jax.grad
 and jax.jit directly."""
 
-from jax_mlxdist.nn._fsdp import fully_shard
+from jax_mlxdist.nn._fsdp import FullyShardedModule, fully_shard
 from jax_mlxdist.nn._gradients import average_gradients, clip_grad_norm_sharded, sum_gradients
 from jax_mlxdist.nn._linear import (
     AllToShardedLinear,
@@ -20,7 +20,7 @@ from jax_mlxdist.nn._quantized import (
 from jax_mlxdist.nn._sharding import shard_inplace, shard_linear
 
 __all__ = [
-    "AllToShardedLinear", "QuantizedAllToShardedLinear", "QuantizedShardedToAllLinear",
+    "AllToShardedLinear", "FullyShardedModule", "QuantizedAllToShardedLinear", "QuantizedShardedToAllLinear",
     "ShardedToAllLinear", "all_to_sharded_linear", "average_gradients", "clip_grad_norm_sharded",
     "dequantize", "fully_shard", "quantize", "quantized_linear", "shard_inplace", "shard_linear",
     "sharded_to_all_linear", "sum_gradients",

@@ -45,8 +45,10 @@ def average_gradients(grads, group: Group | None = None, all_reduce_size: int = 
     out = list(leaves)
     buckets: dict = {}
     for i, leaf in enumerate(leaves):
-        leaf = jnp.asarray(leaf)
-        buckets.setdefault(leaf.dtype, []).append(i)
+        dtype = getattr(leaf, "dtype", None) or jnp.asarray(leaf).dtype
+        if dtype == jax.dtypes.float0:  # gradients of integer inputs (allow_int=True): no data
+            continue
+        buckets.setdefault(jnp.dtype(dtype), []).append(i)
 
     def reduce(indices):
         flat = jnp.concatenate([jnp.ravel(jnp.asarray(leaves[i])) for i in indices])

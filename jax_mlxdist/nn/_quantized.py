@@ -4,6 +4,7 @@ the quantized tensor-parallel layers. Packed as MLX does: 32 // bits values per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,15 @@ def _check(group_size: int, bits: int, in_dims: int) -> None:
 def quantize(w, group_size: int = 64, bits: int = 4):
     """(packed uint32 weight, scales, biases) with w ~ scales * q + biases per group."""
     w = jnp.asarray(w, jnp.float32)
+    if w.ndim != 2:
+        raise DistributedError(f"quantize: expected a weight of shape (out, in), got {w.shape}")
+    _check(group_size, bits, w.shape[1])
+    return _quantize(w, group_size, bits)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one compiled program, not dozens of eager ops
+def _quantize(w, group_size: int, bits: int):
     out_dims, in_dims = w.shape
-    _check(group_size, bits, in_dims)
     groups = w.reshape(out_dims, in_dims // group_size, group_size)
     lo, hi = groups.min(-1), groups.max(-1)
     levels = 2**bits - 1
@@ -43,13 +51,30 @@ def quantize(w, group_size: int = 64, bits: int = 4):
     return packed, scales, lo
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def dequantize(packed, scales, biases, group_size: int = 64, bits: int = 4):
+    """The float32 weight (out, in) of a quantized one."""
     per_word = 32 // bits
     shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
     q = (packed[..., None] >> shifts) & jnp.uint32(2**bits - 1)
     out_dims = packed.shape[0]
     q = q.reshape(out_dims, -1, group_size).astype(jnp.float32)
     return (q * scales[..., None] + biases[..., None]).reshape(out_dims, -1)
+
+
+def _check_input(in_dims: int, group_size: int, n: int) -> None:
+    if in_dims % n:
+        raise DistributedError(f"The input of size {in_dims} cannot be sharded across {n} devices.")
+    if (in_dims // n) % group_size:  # a rank's columns must hold whole quantization groups
+        raise DistributedError(f"The input of size {in_dims} cannot be sharded across {n} devices "
+                               f"in whole quantization groups of {group_size}.")
+
+
+def _random(key, shape, input_dims, bias_dims, bias, group_size, bits):
+    """A random quantized weight of this rank's shape and a zero bias (as MLX's constructors)."""
+    s = input_dims ** -0.5
+    w = jax.random.uniform(key, shape, minval=-s, maxval=s)
+    return (*quantize(w, group_size, bits), jnp.zeros((bias_dims,)) if bias else None, group_size, bits)
 
 
 def is_quantized(module) -> bool:
@@ -72,7 +97,12 @@ def quantized_linear(weight, bias=None, *, group_size: int = 64, bits: int = 4) 
 
 @dataclasses.dataclass
 class _Quantized:
-    """A quantized weight (packed, scales, biases), an optional float bias, and the group."""
+    """A quantized weight (packed, scales, biases), an optional float bias, and the group.
+
+    Dequantized on the fly (w = scales * q + biases per group) and multiplied in x's dtype.
+    Like MLX's quantized layers they are meant to stay frozen: the packed weight is uint32, so
+    differentiate with respect to the input or to other parameters (close over the layer, or
+    jax.grad(..., allow_int=True))."""
     weight: jax.Array
     scales: jax.Array
     biases: jax.Array
@@ -89,6 +119,16 @@ class _Quantized:
 @dataclasses.dataclass
 class QuantizedAllToShardedLinear(_Quantized):
     """AllToShardedLinear with a quantized weight (this rank's output rows)."""
+
+    @classmethod
+    def create(cls, key, input_dims: int, output_dims: int, bias: bool = True, group_size: int = 64,
+               bits: int = 4, group: Group | None = None) -> "QuantizedAllToShardedLinear":
+        g = resolve(group, "QuantizedAllToShardedLinear")
+        n = g.size()
+        if output_dims % n:
+            raise DistributedError(f"Cannot shard the output of size {output_dims} across {n} devices.")
+        return cls(*_random(key, (output_dims // n, input_dims), input_dims, output_dims // n, bias,
+                            group_size, bits), g)
 
     @classmethod
     def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
@@ -110,13 +150,18 @@ class QuantizedShardedToAllLinear(_Quantized):
     """ShardedToAllLinear with a quantized weight (this rank's input columns)."""
 
     @classmethod
+    def create(cls, key, input_dims: int, output_dims: int, bias: bool = True, group_size: int = 64,
+               bits: int = 4, group: Group | None = None) -> "QuantizedShardedToAllLinear":
+        g = resolve(group, "QuantizedShardedToAllLinear")
+        _check_input(input_dims, group_size, g.size())
+        return cls(*_random(key, (output_dims, input_dims // g.size()), input_dims, output_dims, bias,
+                            group_size, bits), g)
+
+    @classmethod
     def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
         g = resolve(group, "QuantizedShardedToAllLinear.from_quantized_linear")
         w, s, b, bias, gs, bits = _fields(q)
-        in_dims = s.shape[-1] * gs
-        if in_dims % (g.size() * gs):
-            raise DistributedError(f"The input of size {in_dims} cannot be sharded across {g.size()} "
-                                   f"devices in whole groups of {gs}.")
+        _check_input(s.shape[-1] * gs, gs, g.size())
         cols = lambda a: shard_array(a, -1, segments, g)  # packed words and groups split alike
         return cls(cols(w), cols(s), cols(b), bias, gs, bits, g)
 
