@@ -5,17 +5,18 @@ body to keep the start-up cost of ranks low."""
 import numpy as np
 import pytest
 
-RTOL, ATOL = 2e-5, 1e-6
+RTOL, ATOL = 2e-5, 1e-5  # float32; values and gradients are O(1)
 
 
-def normal(seed, *shape):
-    # numpy, not jax.random: each new shape would compile a random program on every rank.
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+def normal(seed, *shape, dtype=np.float32):
+    # numpy + device_put, not jax.random or jnp.asarray: those compile a program per new shape
+    # on every rank, which dominated these tests' time.
+    import jax
+    return jax.device_put(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32).astype(dtype))
 
 
 def full_layer(seed, out_dims, in_dims):
-    import jax.numpy as jnp
-    return {"weight": jnp.asarray(normal(seed, out_dims, in_dims)), "bias": jnp.asarray(normal(seed + 100, out_dims))}
+    return {"weight": normal(seed, out_dims, in_dims), "bias": normal(seed + 100, out_dims)}
 
 
 def block(a, rank, size, axis=0):
@@ -36,7 +37,7 @@ def test_layers_match_the_unsharded_model(group, rank, size):
 
     # AllToSharded then ShardedToAll (an MLP): outputs, parameter and input gradients.
     first, second = full_layer(0, 8 * size, 6), full_layer(1, 5, 8 * size)
-    x = jnp.asarray(normal(2, 3, 6))
+    x = normal(2, 3, 6)
 
     def unsharded(p1, p2, x):
         return jnp.sum(jnp.tanh(jnp.tanh(x @ p1["weight"].T + p1["bias"]) @ p2["weight"].T + p2["bias"]) ** 2)
@@ -47,7 +48,7 @@ def test_layers_match_the_unsharded_model(group, rank, size):
     assert a.weight.shape == (8, 6) and a.bias.shape == (8,) and b.weight.shape == (5, 8)
     sharded = lambda a, b, x: jnp.sum(jnp.tanh(b(jnp.tanh(a(x)))) ** 2)
     value, (ga, gb, gx) = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(a, b, x)
-    want, (f1, f2, fx) = jax.value_and_grad(unsharded, argnums=(0, 1, 2))(first, second, x)
+    want, (f1, f2, fx) = jax.jit(jax.value_and_grad(unsharded, argnums=(0, 1, 2)))(first, second, x)
     np.testing.assert_allclose(value, want, rtol=RTOL)
     np.testing.assert_allclose(ga.weight, block(f1["weight"], rank, size), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(ga.bias, block(f1["bias"], rank, size), rtol=RTOL, atol=ATOL)
@@ -58,11 +59,11 @@ def test_layers_match_the_unsharded_model(group, rank, size):
     from types import SimpleNamespace
     np.testing.assert_array_equal(nn.AllToShardedLinear.from_linear(SimpleNamespace(**first), group=group).weight,
                                   a.weight)
-    h = nn.all_to_sharded_linear(x, a.weight, a.bias, group=group)
-    np.testing.assert_allclose(h, block(x @ first["weight"].T + first["bias"], rank, size, axis=1),
-                               rtol=RTOL, atol=1e-5)
-    np.testing.assert_allclose(nn.sharded_to_all_linear(h, b.weight, None, group=group),
-                               (x @ first["weight"].T + first["bias"]) @ second["weight"].T, rtol=RTOL, atol=1e-5)
+    h, y = jax.jit(lambda x: (nn.all_to_sharded_linear(x, a.weight, a.bias, group=group),
+                              nn.sharded_to_all_linear(a(x), b.weight, None, group=group)))(x)
+    full_h = np.asarray(x) @ np.asarray(first["weight"]).T + np.asarray(first["bias"])
+    np.testing.assert_allclose(h, block(full_h, rank, size, axis=1), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(y, full_h @ np.asarray(second["weight"]).T, rtol=RTOL, atol=ATOL)
     c = nn.ShardedToAllLinear.create(jax.random.key(3), 4 * size, 3, bias=False, group=group)
     assert c.weight.shape == (3, 4) and c.bias is None
 
@@ -120,7 +121,7 @@ def check_quantized(group, rank, size, bits, group_size):
     a = nn.shard_linear(q1, "all-to-sharded", group=group)
     b = nn.shard_linear(q2, "sharded-to-all", group=group)
     assert type(a) is nn.QuantizedAllToShardedLinear and type(b) is nn.QuantizedShardedToAllLinear
-    x = jnp.asarray(normal(5, 2, in_dims))
+    x = normal(5, 2, in_dims)
     ref = lambda x: jnp.sum(jnp.tanh(jnp.tanh(x @ w1.T + q1["bias"]) @ w2.T + q2["bias"]) ** 2)
     mine = lambda x: jnp.sum(jnp.tanh(b(jnp.tanh(a(x)))) ** 2)
     (value, gx), h = jax.jit(lambda x: (jax.value_and_grad(mine)(x), a(x)))(x)
@@ -174,9 +175,9 @@ def test_fully_shard_trains_like_data_parallel(group, rank, size):
     import jax_mlxdist as dist
     from jax_mlxdist import nn
 
-    model = {"w": jnp.asarray(normal(0, 4 * size, 3)), "b": jnp.zeros(2 * size),
-             "emb": jnp.asarray(normal(1, size, 3), jnp.bfloat16), "steps": jnp.int32(7)}
-    x = jnp.asarray(normal(10 + rank, 5, 4 * size))  # each rank its own data
+    model = {"w": normal(0, 4 * size, 3), "b": jax.device_put(np.zeros(2 * size, np.float32)),
+             "emb": normal(1, size, 3, dtype=jnp.bfloat16), "steps": jnp.int32(7)}
+    x = normal(10 + rank, 5, 4 * size)  # each rank its own data
 
     def loss(p, x):
         h = jnp.tanh(x @ p["w"] + p["b"][:3]) * jnp.sum(p["emb"].astype(jnp.float32), 0)

@@ -20,6 +20,7 @@ import numpy as np
 from jax_mlxdist._errors import DistributedError
 from jax_mlxdist._group import Group, resolve
 from jax_mlxdist._ops import all_gather, sum_scatter
+from jax_mlxdist.nn._sharding import shard_array
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +113,7 @@ def fully_shard(module, *, group: Group | None = None, compute_dtype=None) -> Fu
     if isinstance(module, FullyShardedModule):
         return module
     g = resolve(group, "fully_shard")
-    n, r = g.size(), g.rank()
+    n = g.size()
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(module)
     leaves = []
     for keys, x in with_paths:
@@ -122,7 +123,6 @@ def fully_shard(module, *, group: Group | None = None, compute_dtype=None) -> Fu
             if x.shape[0] % n:
                 raise DistributedError(f"Cannot shard parameter '{_path(keys)}' with shape {tuple(x.shape)} "
                                        f"across {n} devices: axis 0 must be divisible by {n}.")
-            block = x.shape[0] // n
-            x = jnp.asarray(x)[r * block:(r + 1) * block]
+            x = shard_array(x, 0, 1, g)
         leaves.append(x)
     return FullyShardedModule(leaves, treedef, g, compute_dtype)

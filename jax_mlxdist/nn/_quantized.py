@@ -29,15 +29,15 @@ def _check(group_size: int, bits: int, in_dims: int) -> None:
 
 def quantize(w, group_size: int = 64, bits: int = 4):
     """(packed uint32 weight, scales, biases) with w ~ scales * q + biases per group."""
-    w = jnp.asarray(w, jnp.float32)
-    if w.ndim != 2:
-        raise DistributedError(f"quantize: expected a weight of shape (out, in), got {w.shape}")
-    _check(group_size, bits, w.shape[1])
+    if jnp.ndim(w) != 2:
+        raise DistributedError(f"quantize: expected a weight of shape (out, in), got {jnp.shape(w)}")
+    _check(group_size, bits, jnp.shape(w)[1])
     return _quantize(w, group_size, bits)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))  # one compiled program, not dozens of eager ops
 def _quantize(w, group_size: int, bits: int):
+    w = w.astype(jnp.float32)
     out_dims, in_dims = w.shape
     groups = w.reshape(out_dims, in_dims // group_size, group_size)
     lo, hi = groups.min(-1), groups.max(-1)

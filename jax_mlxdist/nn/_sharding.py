@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_mlxdist._errors import DistributedError
 from jax_mlxdist._group import Group, resolve
@@ -13,29 +14,37 @@ from jax_mlxdist._group import Group, resolve
 SHARDINGS = ("all-to-sharded", "sharded-to-all")
 
 
-def split(weight, segments, axis: int) -> list:
-    """Like jnp.split, but segments may also be fractions of the axis (e.g. [0.5, 0.75])."""
-    if isinstance(segments, int) or all(isinstance(s, int) for s in segments):
-        try:
-            return jnp.split(weight, segments, axis=axis)
-        except ValueError as e:
-            raise DistributedError(f"cannot split an axis of size {weight.shape[axis]} into "
-                                   f"{segments}: {e}") from None
-    n = weight.shape[axis]
-    return jnp.split(weight, [int(s * n) for s in segments], axis=axis)
+def _bounds(n: int, segments, axis_name: str) -> list[tuple[int, int]]:
+    """(start, stop) of each segment of an axis of size n; segments as in jnp.split, or
+    fractions of the axis (e.g. [0.5, 0.75])."""
+    if isinstance(segments, int):
+        if segments <= 0 or n % segments:
+            raise DistributedError(f"cannot split {axis_name} of size {n} into {segments} equal segments")
+        cuts = [n // segments * i for i in range(1, segments)]
+    else:
+        cuts = [s if isinstance(s, int) else int(s * n) for s in segments]
+        if any(not 0 <= c <= n for c in cuts) or cuts != sorted(cuts):
+            raise DistributedError(f"cannot split {axis_name} of size {n} at {list(segments)}")
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def shard_array(weight, axis: int, segments, group: Group):
     """This rank's part of every segment along axis, concatenated: a fused QKV weight
     (segments=3) keeps one third of each of Q, K and V."""
     n, r = group.size(), group.rank()
-    parts = []
-    for part in split(weight, segments, axis):
-        if part.shape[axis] % n:
-            raise DistributedError(f"Cannot shard an axis of size {part.shape[axis]} across {n} "
-                                   "devices.")
-        parts.append(split(part, n, axis)[r])
-    return jnp.concatenate(parts, axis=axis)
+    pieces = []
+    for start, stop in _bounds(weight.shape[axis], segments, "an axis"):
+        if (stop - start) % n:
+            raise DistributedError(f"Cannot shard an axis of size {stop - start} across {n} devices.")
+        block = (stop - start) // n
+        pieces.append((start + r * block, start + (r + 1) * block))
+    if isinstance(weight, jax.core.Tracer):  # inside a trace: jnp ops
+        return jnp.concatenate([jax.lax.slice_in_dim(weight, a, b, axis=axis) for a, b in pieces], axis=axis)
+    # Concrete arrays are cut on the host and put back with device_put: no program compiled per
+    # weight shape at set-up time (jnp ops, and even jnp.asarray of a numpy array, compile one).
+    idx = np.concatenate([np.arange(a, b) for a, b in pieces])
+    return jax.device_put(np.take(np.asarray(weight), idx, axis=axis))
 
 
 def _predicate(sharding: str, segments) -> Callable:
