@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/header.h"
 #include "core/registry.h"
+#include "transport/rendezvous.h"
 #include "ffi/handlers.h"
 #include "ring/ring_group.h"
 
@@ -53,6 +54,20 @@ NB_MODULE(_C, m) {
       },
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
       nb::arg("token") = "", nb::arg("transport") = "auto", nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
+
+  m.def(
+      "rendezvous",
+      [](const std::string& coordinator, int rank, int size, int listen_fd, double timeout,
+         const std::string& token, bool verbose) {
+        if (!(timeout > 0) || !std::isfinite(timeout))
+          fail("init: the timeout must be a positive number of seconds, got ", timeout);
+        nb::gil_scoped_release release;
+        return tcp::rendezvous(coordinator, rank, size, listen_fd,
+                               std::min(timeout, ring::kMaxTimeout), token, verbose);
+      },
+      nb::arg("coordinator"), nb::arg("rank"), nb::arg("size"), nb::arg("listen_fd") = -1,
+      nb::arg("timeout") = 300.0, nb::arg("token") = "", nb::arg("verbose") = false,
+      "Meet at the coordinator (rank 0's address); returns every rank's address.");
 
   m.def("group_info", [](int64_t handle) {
     auto e = engine_or_throw(handle);

@@ -7,22 +7,18 @@ communication happens in the C++ extension.
 from __future__ import annotations
 
 import atexit
-import json
-import math
 import operator
 import os
-import stat
 import threading
 import weakref
 
 import jax
 
 from jax_mlxdist import _C
+from jax_mlxdist._config import coordinator_config, ring_config, timeout, transport
 from jax_mlxdist._errors import DistributedError
 
 BACKENDS = ("any", "ring", "jaccl", "nccl")
-DEFAULT_TIMEOUT = 300.0
-MAX_TIMEOUT = 1e7  # longer (or inf) means no timeout in practice; keeps deadlines finite
 
 
 class Group:
@@ -135,101 +131,6 @@ def _call(fn, *args):
         raise DistributedError(str(e)) from None
 
 
-def _ring_config() -> tuple[int, list[list[str]], list[int]] | None:
-    """(rank, hostfile entries, inherited listening fds) from MLX_RANK/MLX_HOSTFILE, if set."""
-    path = os.environ.get("MLX_HOSTFILE")
-    if not path:
-        return None
-    try:
-        with open(path) as f:
-            hosts = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep JSON
-        raise DistributedError(f"init: cannot read MLX_HOSTFILE={path!r}: {e}") from None
-    if (not isinstance(hosts, list) or not hosts
-            or not all(isinstance(h, list) and h and all(isinstance(a, str) for a in h)
-                       for h in hosts)):
-        raise DistributedError(
-            f"init: MLX_HOSTFILE={path!r} must hold a JSON list, per rank, of \"ip:port\" lists")
-    if len({len(h) for h in hosts}) != 1:
-        raise DistributedError("init: every rank in MLX_HOSTFILE must list the same number of "
-                               "addresses (one socket per entry)")
-    for r, entries in enumerate(hosts):
-        for a in entries:
-            _check_address(a, r, path)
-    raw = os.environ.get("MLX_RANK")
-    try:
-        rank = int(raw)
-    except (TypeError, ValueError):
-        raise DistributedError(
-            f"init: MLX_HOSTFILE is set but MLX_RANK={raw!r} is missing or not an int") from None
-    if not 0 <= rank < len(hosts):
-        raise DistributedError(f"init: MLX_RANK={rank} but MLX_HOSTFILE lists {len(hosts)} ranks")
-    return rank, hosts, _listen_fds(len(hosts[rank]))
-
-
-def _check_address(entry: str, rank: int, path: str) -> None:
-    host, sep, port = entry.rpartition(":")
-    if (not sep or not host or not port.isascii() or not port.isdigit()
-            or not 0 <= int(port) <= 65535 or "\0" in host):
-        raise DistributedError(
-            f"init: MLX_HOSTFILE={path!r}: rank {rank}'s address {entry!r} is not \"ip:port\"")
-
-
-def _listen_fds(count: int) -> list[int]:
-    """MLXDIST_LISTEN_FDS: inherited listening sockets, one per hostfile entry of this rank."""
-    raw = os.environ.get("MLXDIST_LISTEN_FDS", "")
-    fds = []
-    for item in raw.split(","):
-        if not item.strip():
-            continue
-        try:
-            fd = int(item)
-        except ValueError:
-            fd = -1
-        if not 0 <= fd < 2**31:
-            raise DistributedError(f"init: MLXDIST_LISTEN_FDS={raw!r}: {item!r} is not an fd")
-        try:
-            is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
-        except OSError:
-            is_socket = False
-        if not is_socket:
-            raise DistributedError(
-                f"init: MLXDIST_LISTEN_FDS={raw!r}: fd {fd} is not an open socket (it must be "
-                "inherited from the launcher)")
-        fds.append(fd)
-    if fds and len(fds) != count:
-        raise DistributedError(
-            f"init: MLXDIST_LISTEN_FDS={raw!r} has {len(fds)} sockets but the hostfile lists "
-            f"{count} addresses for this rank")
-    return fds
-
-
-def timeout() -> float:
-    """MLXDIST_TIMEOUT in seconds: how long any wait on a peer may stall.
-
-    Values above MAX_TIMEOUT (115 days), "inf" included, are cut to it.
-    """
-    raw = os.environ.get("MLXDIST_TIMEOUT", "")
-    try:
-        value = float(raw) if raw.strip() else DEFAULT_TIMEOUT
-    except ValueError:
-        raise DistributedError(f"MLXDIST_TIMEOUT={raw!r} is not a number of seconds") from None
-    if math.isnan(value) or value <= 0:
-        raise DistributedError(f"MLXDIST_TIMEOUT={raw!r} must be a positive number of seconds")
-    return min(value, MAX_TIMEOUT)
-
-
-TRANSPORTS = ("auto", "tcp", "shm")
-
-
-def transport() -> str:
-    """MLXDIST_TRANSPORT: auto (shared memory when every rank is on this host), tcp or shm."""
-    value = os.environ.get("MLXDIST_TRANSPORT", "auto") or "auto"
-    if value not in TRANSPORTS:
-        raise DistributedError(f"MLXDIST_TRANSPORT={value!r}: expected one of {TRANSPORTS}")
-    return value
-
-
 def is_available(backend: str = "any") -> bool:
     """Whether a backend can be used in this process (as ``mx.distributed.is_available``)."""
     _check_backend(backend)
@@ -245,26 +146,58 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     _check_backend(backend)
     if _world is not None:
         return _world
-    config = _ring_config() if backend in ("any", "ring") else None
-    if config is None:
+    config = ring_config() if backend in ("any", "ring") else None
+    meet = coordinator_config() if config is None and backend in ("any", "ring") else None
+    if config is None and meet is None:
         if strict:
             raise DistributedError(
                 f"init(strict=True, backend={backend!r}): no configuration found; for the ring "
-                "backend set MLX_RANK and MLX_HOSTFILE (jax-mlxdist launch does this)")
+                "backend set MLX_RANK and MLX_HOSTFILE (jax-mlxdist launch does this), or "
+                "MLXDIST_COORDINATOR with MLXDIST_RANK and MLXDIST_WORLD_SIZE")
         _world = Group(None, 0, 1, "ring" if backend == "any" else backend)
         return _world
-    rank, hosts, fds = config
-    if len(hosts) == 1:
-        _world = Group(None, 0, 1, "ring")
-        return _world
+    _world = _connect(config, meet)
+    _tell_launcher()
+    return _world
+
+
+def _connect(config, meet) -> Group:
+    size = len(config[1]) if config else meet.size
+    if size == 1:
+        if meet:
+            meet.done()
+        return Group(None, 0, 1, "ring")
     verbose = os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
     token = os.environ.get("MLXDIST_TOKEN", "")
+    rank = config[0] if config else meet.rank
     try:
+        if config:
+            hosts, fds = config[1], config[2]
+        else:  # every rank's address, gathered by rank 0
+            try:
+                table = _call(_C.rendezvous, meet.address, rank, size, meet.listen_fd,
+                              timeout(), token, verbose)
+            except DistributedError as e:
+                raise DistributedError(f"meeting at the coordinator {meet.address} ({meet.source} "
+                                       f"variables): {e}") from None
+            finally:
+                meet.done()
+            hosts, fds = [[a] for a in table], []
         handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
     except DistributedError as e:  # say which step failed: connecting, not a collective
-        raise DistributedError(f"init (rank {rank} of {len(hosts)}): {e}") from None
-    _world = Group(handle, rank, len(hosts), "ring")
-    return _world
+        raise DistributedError(f"init (rank {rank} of {size}): {e}") from None
+    return Group(handle, rank, size, "ring")
+
+
+def _tell_launcher() -> None:
+    """Signals `jax-mlxdist launch` that this rank is connected (for its progress line)."""
+    fd = os.environ.pop("MLXDIST_READY_FD", "")
+    if fd.isdigit():
+        try:
+            os.write(int(fd), b"r")
+            os.close(int(fd))
+        except OSError:
+            pass
 
 
 def default_group() -> Group:

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jax_mlxdist import DistributedError, _C
-from jax_mlxdist import _group
+from jax_mlxdist import DistributedError, _C, _config
 
 STRESS = os.environ.get("MLXDIST_STRESS", "") not in ("", "0")
 FUZZ_EXAMPLES = 150 * (40 if STRESS else 1)
@@ -80,7 +79,7 @@ def test_ring_config_gives_only_distributed_error(hostfile_path, content, rank, 
         f.write(content)
     with environment(MLX_HOSTFILE=hostfile_path, MLX_RANK=rank, MLXDIST_LISTEN_FDS=fds):
         try:
-            config = _group._ring_config()
+            config = _config.ring_config()
         except DistributedError as e:
             assert str(e).startswith("init: ")
             return
@@ -98,10 +97,10 @@ def test_ring_config_accepts_a_good_configuration(hostfile_path):
         json.dump([["127.0.0.1:5000"], ["127.0.0.1:5001"]], f)
     with socket.socket() as s, environment(MLX_HOSTFILE=hostfile_path, MLX_RANK="1",
                                            MLXDIST_LISTEN_FDS=str(s.fileno())):
-        assert _group._ring_config() == (1, [["127.0.0.1:5000"], ["127.0.0.1:5001"]], [s.fileno()])
+        assert _config.ring_config() == (1, [["127.0.0.1:5000"], ["127.0.0.1:5001"]], [s.fileno()])
     with environment(MLX_HOSTFILE=hostfile_path, MLX_RANK="0", MLXDIST_LISTEN_FDS="0"):
         with pytest.raises(DistributedError, match="not an open socket"):  # stdin is no socket
-            _group._ring_config()
+            _config.ring_config()
 
 
 @fuzz
@@ -109,20 +108,20 @@ def test_ring_config_accepts_a_good_configuration(hostfile_path):
 def test_timeout_gives_only_distributed_error(raw):
     with environment(MLXDIST_TIMEOUT=raw):
         try:
-            value = _group.timeout()
+            value = _config.timeout()
         except DistributedError as e:
             assert "MLXDIST_TIMEOUT" in str(e)
             return
-    assert 0 < value <= _group.MAX_TIMEOUT  # finite: NaN and inf never reach the C++ deadlines
+    assert 0 < value <= _config.MAX_TIMEOUT  # finite: NaN and inf never reach the C++ deadlines
 
 
 def test_timeout_values():
-    for raw, expected in [("", 300.0), ("2.5", 2.5), ("inf", _group.MAX_TIMEOUT), ("1e300", 1e7)]:
+    for raw, expected in [("", 300.0), ("2.5", 2.5), ("inf", _config.MAX_TIMEOUT), ("1e300", 1e7)]:
         with environment(MLXDIST_TIMEOUT=raw):
-            assert _group.timeout() == expected
+            assert _config.timeout() == expected
     for raw in ("nan", "0", "-1", "abc", "-inf"):
         with environment(MLXDIST_TIMEOUT=raw), pytest.raises(DistributedError):
-            _group.timeout()
+            _config.timeout()
 
 
 @fuzz
@@ -130,7 +129,7 @@ def test_timeout_values():
 def test_transport_gives_only_distributed_error(raw):
     with environment(MLXDIST_TRANSPORT=raw):
         try:
-            assert _group.transport() in _group.TRANSPORTS
+            assert _config.transport() in _config.TRANSPORTS
         except DistributedError as e:
             assert "MLXDIST_TRANSPORT" in str(e)
 

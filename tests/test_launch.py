@@ -1,26 +1,65 @@
-"""The launcher on real ranks: prefixes, exit codes, stopping the others on failure."""
+"""The launcher on real local ranks: ranks and sizes, prefixes, exit codes, MLX hostfiles,
+stopping every rank on failure or Ctrl-C, the progress line."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 
+import pytest
 
-def launch(tmp_path, source, *flags, timeout=120):
+CHECK = """
+    import os, sys
+    import jax_mlxdist as dist
+    g = dist.init(strict=True)
+    total = float(dist.all_sum(float(g.rank() + 1)))
+    assert total == g.size() * (g.size() + 1) / 2, total
+    print("rank", g.rank(), "of", g.size(), "sum", total, os.environ.get("EXTRA", ""))
+"""
+
+# A rank that records its pid and then would run for ten minutes unless stopped.
+LINGER = """
+    import os, sys, time
+    import jax_mlxdist as dist
+    g = dist.init()
+    with open(os.path.join(sys.argv[1], f"pid{g.rank()}"), "w") as f:
+        f.write(str(os.getpid()))
+    print("started", flush=True)
+    if g.rank() == int(sys.argv[2]):
+        sys.exit(7)
+    time.sleep(600)
+"""
+
+
+def command(tmp_path, source, *flags, args=()):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
-    return subprocess.run([sys.executable, "-P", "-m", "jax_mlxdist.launch", *flags, str(script)],
-                          capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "-P", "-m", "jax_mlxdist.launch", *flags, str(script), *args]
 
 
-def test_ranks_run_with_prefixed_output(tmp_path):
-    out = launch(tmp_path, """
-        import jax_mlxdist as dist
-        g = dist.init()
-        print("sum", float(dist.all_sum(1.0)), "of", g.size())
-    """, "-n", "3")
+def launch(tmp_path, source, *flags, args=(), timeout=120):
+    return subprocess.run(command(tmp_path, source, *flags, args=args), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_gone(folder, n):
+    """Every rank that wrote its pid is no longer running."""
+    for r in range(n):
+        path = folder / f"pid{r}"
+        if path.exists():
+            pid = int(path.read_text())
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_ranks_check_rank_size_and_sum(tmp_path, n):
+    out = launch(tmp_path, CHECK, "-n", str(n), "--env", "EXTRA=yes")
     assert out.returncode == 0, out.stderr
-    for r in range(3):
-        assert f"[rank {r}] sum 3.0 of 3" in out.stdout
+    for r in range(n):
+        assert f"[rank {r}] rank {r} of {n} sum {n * (n + 1) / 2} yes" in out.stdout
 
 
 def test_single_rank_and_no_prefix(tmp_path):
@@ -30,13 +69,58 @@ def test_single_rank_and_no_prefix(tmp_path):
 
 
 def test_failing_rank_stops_the_job(tmp_path):
-    out = launch(tmp_path, """
-        import sys, time
-        import jax_mlxdist as dist
-        g = dist.init()
-        if g.rank() == 1:
-            sys.exit(7)
-        time.sleep(600)  # the surviving ranks would run on; the launcher must stop them
-    """, "-n", "3")
+    out = launch(tmp_path, LINGER, "-n", "3", args=(str(tmp_path), "1"))
     assert out.returncode == 7
-    assert "rank 1 exited with code 7" in out.stderr
+    assert "rank 1 exited with code 7; stopped the other ranks" in out.stderr
+    assert_gone(tmp_path, 3)
+
+
+def test_interrupt_stops_every_rank(tmp_path):
+    p = subprocess.Popen(command(tmp_path, LINGER, "-n", "2", args=(str(tmp_path), "-1")),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = set()
+        while len(seen) < 2:  # both ranks are running their program
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            seen.add(line.split("]")[0])
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 130
+        assert "interrupted, stopping all ranks" in p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+    assert_gone(tmp_path, 2)
+
+
+@pytest.mark.parametrize("form", ["list", "object"])
+def test_mlx_hostfiles(tmp_path, form):
+    hosts = [{"ssh": "localhost", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1", "ips": []},
+             {"ssh": "localhost", "ips": ["127.0.0.1"], "rdma": [None, None, None]}]
+    data = hosts if form == "list" else {"backend": "ring", "envs": ["EXTRA=from-file"],
+                                         "hosts": hosts}
+    (tmp_path / "hosts.json").write_text(json.dumps(data))
+    out = launch(tmp_path, CHECK, "--hostfile", str(tmp_path / "hosts.json"))
+    assert out.returncode == 0, out.stderr
+    extra = "from-file" if form == "object" else ""
+    for r in range(3):
+        assert f"[rank {r}] rank {r} of 3 sum 6.0 {extra}".rstrip() in out.stdout
+
+
+def test_bad_hostfile_and_flags_are_clear(tmp_path):
+    (tmp_path / "hosts.json").write_text(json.dumps([{"ips": ["127.0.0.1"]}]))
+    out = launch(tmp_path, CHECK, "--hostfile", str(tmp_path / "hosts.json"))
+    assert out.returncode == 2 and "host 0 must be an object with an \"ssh\" name" in out.stderr
+    out = launch(tmp_path, CHECK, "--backend", "nccl")
+    assert out.returncode == 2 and "--backend 'nccl'" in out.stderr
+    out = launch(tmp_path, CHECK, "--env", "NOEQUALS")
+    assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
+
+
+def test_verbose_reports_connections_and_print_python(tmp_path):
+    out = launch(tmp_path, CHECK, "-n", "2", "--verbose", "--connections-per-ip", "2")
+    assert out.returncode == 0, out.stderr
+    assert "2/2 ranks connected in" in out.stderr
+    assert "connected to 1 peers x 2 links, authenticated" in out.stderr
+    out = launch(tmp_path, CHECK, "--print-python", "--python", "/opt/py/bin/python3")
+    assert out.returncode == 0 and out.stdout.strip() == "/opt/py/bin/python3"

@@ -95,6 +95,28 @@ Socket listen_on(const Address& addr) {
   return s;
 }
 
+int bound_port(int fd) {
+  sockaddr_in sa{};
+  socklen_t len = sizeof(sa);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) != 0)
+    fail("getsockname: ", std::strerror(errno));
+  return ntohs(sa.sin_port);
+}
+
+std::string local_ip_towards(const Address& addr) {
+  // Connecting a UDP socket sends nothing; it only asks the kernel to pick the route.
+  sockaddr_in sa = resolve(addr);
+  Socket s(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!s.valid() || ::connect(s.fd(), reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0)
+    fail("no route to ", addr.str(), ": ", std::strerror(errno));
+  sockaddr_in me{};
+  socklen_t len = sizeof(me);
+  getsockname(s.fd(), reinterpret_cast<sockaddr*>(&me), &len);
+  char ip[INET_ADDRSTRLEN] = "?";
+  inet_ntop(AF_INET, &me.sin_addr, ip, sizeof(ip));
+  return ip;
+}
+
 Socket connect_with_retry(const Address& addr, Deadline deadline, const std::string& peer) {
   sockaddr_in sa = resolve(addr);
   auto backoff = std::chrono::milliseconds(5);

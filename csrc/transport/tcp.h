@@ -30,6 +30,11 @@ class Socket {
   Socket& operator=(const Socket&) = delete;
   int fd() const { return fd_; }
   bool valid() const { return fd_ >= 0; }
+  int release() {  // hands the fd over; this Socket no longer closes it
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
   void close();
 
  private:
@@ -37,6 +42,10 @@ class Socket {
 };
 
 Socket listen_on(const Address& addr);
+// The port a listening socket was bound to (for one bound to port 0).
+int bound_port(int fd);
+// This host's address on the route to addr: the one a peer there can reach us on.
+std::string local_ip_towards(const Address& addr);
 // Retries refused/unreachable connects with exponential back-off until the deadline.
 Socket connect_with_retry(const Address& addr, Deadline deadline, const std::string& peer);
 // Blocking exact reads/writes with a deadline, for handshakes.

@@ -9,6 +9,7 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <set>
 
 #include "core/error.h"
@@ -60,12 +61,6 @@ std::string peer_address(int fd) {
   return std::string(ip) + ":" + std::to_string(ntohs(sa.sin_port));
 }
 
-struct Incoming {
-  int src;
-  int link;
-  Socket sock;
-};
-
 // A connection part-way through its handshake. Bytes arrive without blocking anyone.
 struct Pending {
   Socket sock;
@@ -95,8 +90,8 @@ class Acceptor {
 
   // Completes handshakes until `expected` authenticated connections for `group` arrived;
   // authenticated connections for other groups are kept for them.
-  std::vector<Incoming> accept_for(uint64_t group, int below, size_t expected, Deadline deadline,
-                                   const std::vector<std::string>& names,
+  std::vector<Incoming> accept_for(uint64_t group, const std::vector<int>& from, size_t expected,
+                                   Deadline deadline, const std::vector<std::string>& names,
                                    const std::string& token) {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Incoming> got;
@@ -126,9 +121,9 @@ class Acceptor {
         std::set<int> seen;
         for (auto& in : got) seen.insert(in.src);
         std::string missing;
-        for (int r = 0; r < below; ++r)
+        for (int r : from)
           if (!seen.count(r)) missing += "\n  " + names[r];
-        fail("timed out waiting for connections from lower ranks:", missing);
+        fail("timed out waiting for connections from:", missing);
       }
     }
     return got;
@@ -211,6 +206,8 @@ class Acceptor {
   std::multimap<uint64_t, Incoming> stash_;
 };
 
+}  // namespace
+
 // Connector side: greet, check the acceptor's proof, prove our own.
 Socket handshake(const Address& a, const std::string& peer, uint64_t group, int me, int link,
                  const std::string& token, Deadline deadline) {
@@ -235,7 +232,12 @@ Socket handshake(const Address& a, const std::string& peer, uint64_t group, int 
   return s;
 }
 
-}  // namespace
+std::vector<Incoming> accept_handshakes(uint64_t group, const std::vector<int>& from,
+                                        size_t expected, Deadline deadline,
+                                        const std::vector<std::string>& names,
+                                        const std::string& token) {
+  return Acceptor::get().accept_for(group, from, expected, deadline, names, token);
+}
 
 void ensure_listening(const Address& addr, int inherited_fd) {
   Acceptor::get().ensure_listening(addr, inherited_fd);
@@ -259,7 +261,9 @@ std::unique_ptr<TcpLinks> connect_mesh(const std::vector<std::vector<Address>>& 
     for (int k = 0; k < k_links; ++k)
       sockets[j][k] = handshake(addrs[j][k % addrs[j].size()], names[j], group, me, k, token, deadline);
 
-  auto incoming = Acceptor::get().accept_for(group, me, size_t(me) * k_links, deadline, names, token);
+  std::vector<int> lower(me);
+  std::iota(lower.begin(), lower.end(), 0);
+  auto incoming = accept_handshakes(group, lower, size_t(me) * k_links, deadline, names, token);
   for (auto& in : incoming) {
     if (in.src >= me || in.link >= k_links || sockets[in.src][in.link].valid())
       fail("unexpected connection claiming to be member ", in.src, " link ", in.link,

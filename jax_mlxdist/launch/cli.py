@@ -1,121 +1,159 @@
-"""The launcher: start ranks on this machine, stream their output, stop them all on failure.
+"""`jax-mlxdist launch`: start ranks here or over ssh, with mlx.launch's flags and hostfiles.
 
 Output lines are prefixed with the rank; the exit code is non-zero when any rank fails, and
-one failing rank (or Ctrl-C) stops every other rank.
+one failing rank (or Ctrl-C) stops every other rank, local and remote.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
-import subprocess
+import secrets
+import shlex
 import sys
-import threading
 
+from jax_mlxdist._config import timeout
+from jax_mlxdist.launch import hostfile, ranks
 from jax_mlxdist.launch.local import LocalRanks
 
-GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when stopping ranks
+BACKENDS = ("ring", "any")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jax-mlxdist launch",
-                                description="Run a Python script on N local ranks.")
+                                description="Run a Python script on N ranks, here or over ssh.")
     p.add_argument("-n", "--repeat-hosts", dest="n", type=int, default=1,
-                   help="number of ranks to start on this machine")
+                   help="ranks per host (each host repeated n times)")
+    p.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts, one rank each")
+    p.add_argument("--hostfile", help="MLX launcher hostfile (JSON)")
+    p.add_argument("--backend", help="ring (default) or any")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for every rank (repeatable)")
     p.add_argument("--cwd", help="working directory of the ranks")
     p.add_argument("--python", default=sys.executable, help="interpreter for the ranks")
+    p.add_argument("--print-python", action="store_true", help="print the interpreter and exit")
     p.add_argument("--connections-per-ip", type=int, default=1,
                    help="sockets per rank (MLX's ring: one per hostfile entry)")
+    p.add_argument("--starting-port", type=int, default=0,
+                   help="first port to listen on (default: free ports chosen without races)")
+    p.add_argument("--ssh", default="ssh", help="ssh command for remote hosts (e.g. 'ssh -F cfg')")
     p.add_argument("--no-prefix", action="store_true", help="do not prefix output with the rank")
     p.add_argument("--verbose", action="store_true", help="log connection set-up (MLX_RING_VERBOSE)")
-    p.add_argument("script", help="the Python script to run")
+    p.add_argument("script", nargs="?", help="the Python script to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
 
 
-def _pump(stream, prefix: str, sink, lock: threading.Lock) -> None:
-    for line in iter(stream.readline, b""):
-        with lock:
-            sink.buffer.write(prefix.encode() + line)
-            sink.flush()
-    stream.close()
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["config"]:
+        from jax_mlxdist.launch import config
+        return config.main(argv[1:])
     if argv[:1] == ["launch"]:  # console script: jax-mlxdist launch ...
         argv = argv[1:]
-    opts = _parser().parse_args(argv)
-    if opts.n < 1:
-        _parser().error("-n must be at least 1")
-    extra = {}
-    for item in opts.env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            _parser().error(f"--env expects KEY=VALUE, got {item!r}")
-        extra[key] = value
+    parser = _parser()
+    opts = parser.parse_args(argv)
+    if opts.print_python:
+        print(opts.python)
+        return 0
+    if opts.script is None:
+        parser.error("the script to run is missing")
+    if opts.n < 1 or opts.connections_per_ip < 1:
+        parser.error("-n and --connections-per-ip must be at least 1")
+    if not 0 <= opts.starting_port < 65536:
+        parser.error("--starting-port must be a port number")
+    try:
+        plan = hostfile.load(opts.hostfile) if opts.hostfile else hostfile.from_hosts(opts.hosts)
+        plan = hostfile.repeat(plan, opts.n)
+        extra = {**plan.env, **hostfile.parse_env(opts.env, "--env")}
+    except hostfile.HostfileError as e:
+        parser.error(str(e))
+    backend = opts.backend or plan.backend or "ring"
+    if backend not in BACKENDS:
+        parser.error(f"--backend {backend!r}: this launcher starts {' or '.join(BACKENDS)} jobs")
     if opts.verbose:
         extra["MLX_RING_VERBOSE"] = "1"
-
-    lock = threading.Lock()
-    procs: list[subprocess.Popen] = []
-    pumps: list[threading.Thread] = []
-    with LocalRanks(opts.n, opts.connections_per_ip) as ranks:
-        try:
-            for r in range(opts.n):
-                env = {**os.environ, **extra, **ranks.env_for(r)}
-                p = subprocess.Popen([opts.python, opts.script, *opts.args], env=env, cwd=opts.cwd,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     pass_fds=ranks.pass_fds_for(r), start_new_session=True)
-                procs.append(p)
-                prefix = "" if opts.no_prefix else f"[rank {r}] "
-                for stream, sink in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
-                    t = threading.Thread(target=_pump, args=(stream, prefix, sink, lock), daemon=True)
-                    t.start()
-                    pumps.append(t)
-            ranks.close_sockets()
-            failed = _wait_for_first_failure(procs)
-        except KeyboardInterrupt:
-            print("jax-mlxdist launch: interrupted, stopping all ranks", file=sys.stderr)
-            _stop(procs)
-            return 130
-        finally:
-            _stop(procs)
-            for t in pumps:
+    # The job's secret: every connection between its ranks proves it (MLXDIST_TOKEN).
+    extra.setdefault("MLXDIST_TOKEN", secrets.token_hex(16))
+    command = [opts.python, opts.script, *opts.args]
+    out = ranks.Output(len(plan.hosts), prefix=not opts.no_prefix, progress=True,
+                       verbose=opts.verbose)
+    started: list[ranks.Rank] = []
+    cleanup = contextlib.ExitStack()
+    try:
+        if all(h.local for h in plan.hosts):
+            cleanup.enter_context(_start_here(plan, opts, extra, command, out, started))
+        else:
+            _start_over_ssh(plan, opts, extra, command, out, started)
+        failed = ranks.wait_for_first_failure(started)
+    except KeyboardInterrupt:
+        out.note("interrupted, stopping all ranks")
+        return 130
+    except LaunchError as e:
+        out.note(str(e))
+        return 1
+    finally:
+        ranks.stop_all(started)
+        for r in started:
+            for t in r.pumps:
                 t.join()
+        cleanup.close()
     if failed is not None:
         r, code = failed
-        print(f"jax-mlxdist launch: rank {r} exited with code {code}; stopped the other ranks",
-              file=sys.stderr)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        out.note(f"rank {r} {how}; stopped the other ranks")
         return code if 0 < code < 256 else 1
     return 0
 
 
-def _wait_for_first_failure(procs: list[subprocess.Popen]) -> tuple[int, int] | None:
-    """Waits until all ranks succeed (None) or one fails: (rank, exit code)."""
-    pending = set(range(len(procs)))
-    while pending:
-        for r in sorted(pending):
-            try:
-                code = procs[r].wait(timeout=0.05)
-            except subprocess.TimeoutExpired:
-                continue
-            pending.discard(r)
-            if code != 0:
-                return r, code
-    return None
+class LaunchError(Exception):
+    pass
+
+
+def _start_here(plan, opts, extra, command, out, started) -> LocalRanks:
+    """Local ranks: a hostfile and listening sockets bound here before any rank starts.
+    Returns what to close (the hostfile) once the ranks are done."""
+    ips = [h.ips[0] if h.ips else "127.0.0.1" for h in plan.hosts]
+    try:
+        local = LocalRanks(len(ips), opts.connections_per_ip, ips, opts.starting_port)
+    except OSError as e:
+        raise LaunchError(f"cannot listen for the ranks: {e}") from None
+    ready_r, ready_w = os.pipe()
+    for r in range(len(ips)):
+        env = {**os.environ, **local.env_for(r), **extra, "MLXDIST_READY_FD": str(ready_w)}
+        rank = ranks.start_local(r, command, env, opts.cwd, (*local.pass_fds_for(r), ready_w))
+        started.append(rank)
+        rank.pump(out)
+    local.close_sockets()
+    os.close(ready_w)
+    ranks.count_ready(ready_r, out)
+    return local
+
+
+def _start_over_ssh(plan, opts, extra, command, out, started) -> None:
+    """Remote ranks: rank 0 listens for the others (coordinator start-up) and names its port."""
+    ssh = shlex.split(opts.ssh)
+    first = plan.hosts[0]
+    coordinator_ip = first.ips[0] if first.ips else _address_of(first.ssh)
+    base = {**extra, "MLXDIST_WORLD_SIZE": str(len(plan.hosts))}
+    for r, host in enumerate(plan.hosts):
+        env = {**base, "MLXDIST_RANK": str(r)}
+        if r > 0:
+            env["MLXDIST_COORDINATOR"] = started[0].coordinator
+        listen = f"{coordinator_ip}:{opts.starting_port}" if r == 0 else None
+        rank = ranks.start_remote(r, host, ssh, opts.python, command, env, opts.cwd, listen)
+        started.append(rank)
+        rank.pump(out)
+        if r == 0:
+            rank.announced.wait(timeout())
+            if rank.coordinator is None:
+                raise LaunchError(f"rank 0 on {first.ssh} did not start (see its output above)")
+
+
+def _address_of(host: str) -> str:
+    import socket
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        raise LaunchError(f"cannot resolve {host!r}: give its address in the hostfile's \"ips\"")

@@ -17,23 +17,32 @@ import tempfile
 class LocalRanks:
     """Listening sockets and a hostfile (MLX's ring format) for n ranks on one host."""
 
-    def __init__(self, n: int, connections_per_rank: int = 1, host: str = "127.0.0.1"):
+    def __init__(self, n: int, connections_per_rank: int = 1, hosts="127.0.0.1",
+                 starting_port: int = 0):
+        """hosts: one address for all ranks or one per rank; starting_port: 0 for free ports,
+        else consecutive ports from it (MLX's --starting-port)."""
         if n < 1 or connections_per_rank < 1:
             raise ValueError("need at least one rank and one connection per rank")
         self.n = n
+        hosts = [hosts] * n if isinstance(hosts, str) else list(hosts)
         self.sockets: list[list[socket.socket]] = []
-        for _ in range(n):
+        for r in range(n):
             socks = []
-            for _ in range(connections_per_rank):
+            for k in range(connections_per_rank):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.bind((host, 0))
+                if starting_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((hosts[r], starting_port + r * connections_per_rank + k))
+                else:
+                    s.bind((hosts[r], 0))
                 s.listen(512)
                 s.set_inheritable(True)
                 socks.append(s)
             self.sockets.append(socks)
         # The job's secret: every connection between its ranks proves it (MLXDIST_TOKEN).
         self.token = secrets.token_hex(16)
-        self.hostfile = [[f"{host}:{s.getsockname()[1]}" for s in socks] for socks in self.sockets]
+        self.hostfile = [[f"{h}:{s.getsockname()[1]}" for s in socks]
+                         for h, socks in zip(hosts, self.sockets)]
         fd, self.path = tempfile.mkstemp(prefix="mlxdist-hosts-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(self.hostfile, f)
