@@ -11,6 +11,8 @@
 #include "core/error.h"
 #include "core/header.h"
 #include "core/registry.h"
+#include "mpi/mpi_group.h"
+#include "transport/mpi_lib.h"
 #include "transport/rendezvous.h"
 #include "ffi/handlers.h"
 #include "ring/ring_group.h"
@@ -68,6 +70,30 @@ NB_MODULE(_C, m) {
       nb::arg("coordinator"), nb::arg("rank"), nb::arg("size"), nb::arg("listen_fd") = -1,
       nb::arg("timeout") = 300.0, nb::arg("token") = "", nb::arg("verbose") = false,
       "Meet at the coordinator (rank 0's address); returns every rank's address.");
+
+  m.def(
+      "init_mpi",
+      [](const std::string& lib, double timeout) {
+        if (!(timeout > 0) || !std::isfinite(timeout))
+          fail("init: the timeout must be a positive number of seconds, got ", timeout);
+        std::shared_ptr<Group> g;
+        {
+          nb::gil_scoped_release release;
+          g = mpi::make_world(lib, std::min(timeout, ring::kMaxTimeout));
+        }
+        return add_group(std::move(g));
+      },
+      nb::arg("lib") = "", nb::arg("timeout") = 300.0,
+      "Join MPI's world (loading the MPI library); returns a group handle.");
+  m.def("mpi_available", [](const std::string& lib) {
+    std::string why;
+    bool ok = mpi::available(lib, &why);
+    return std::make_pair(ok, why);
+  });
+  m.def("mpi_finalize", [] {
+    nb::gil_scoped_release release;
+    mpi::finalize();
+  });
 
   m.def("group_info", [](int64_t handle) {
     auto e = engine_or_throw(handle);

@@ -245,3 +245,13 @@ def _published_coordinator(rank: int, size: int, source: str) -> Coordinator:
                     f"init: rank {rank} of {size}: rank 0 did not publish its address in "
                     f"{path} within MLXDIST_TIMEOUT={timeout():g}s (did it start?)") from None
             time.sleep(0.01)
+
+
+def mpi_launched() -> bool:
+    """Whether an MPI launcher (mpirun, mpiexec, srun --mpi) started this process."""
+    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+
+
+def mpi_library() -> str:
+    """MLXDIST_MPI_LIB: the MPI library to load (default: Open MPI's libmpi.so.40)."""
+    return os.environ.get("MLXDIST_MPI_LIB", "")

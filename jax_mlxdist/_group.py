@@ -15,10 +15,11 @@ import weakref
 import jax
 
 from jax_mlxdist import _C
-from jax_mlxdist._config import coordinator_config, ring_config, timeout, transport
+from jax_mlxdist._config import (coordinator_config, mpi_launched, mpi_library, ring_config,
+                                 timeout, transport)
 from jax_mlxdist._errors import DistributedError
 
-BACKENDS = ("any", "ring", "jaccl", "nccl")
+BACKENDS = ("any", "ring", "mpi", "jaccl", "nccl")
 
 
 class Group:
@@ -134,6 +135,8 @@ def _call(fn, *args):
 def is_available(backend: str = "any") -> bool:
     """Whether a backend can be used in this process (as ``mx.distributed.is_available``)."""
     _check_backend(backend)
+    if backend == "mpi":
+        return _C.mpi_available(mpi_library())[0]
     return backend in ("any", "ring")
 
 
@@ -145,6 +148,9 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     global _world
     _check_backend(backend)
     if _world is not None:
+        return _world
+    if backend == "mpi" or (backend == "any" and _mpi_by_default()):
+        _world = _join_mpi(strict or backend == "mpi")
         return _world
     config = ring_config() if backend in ("any", "ring") else None
     meet = coordinator_config() if config is None and backend in ("any", "ring") else None
@@ -189,6 +195,26 @@ def _connect(config, meet) -> Group:
     return Group(handle, rank, size, "ring")
 
 
+def _mpi_by_default() -> bool:
+    """backend="any": MPI when an MPI launcher started us and no ring configuration is set."""
+    return (mpi_launched() and not os.environ.get("MLX_HOSTFILE")
+            and not os.environ.get("MLXDIST_COORDINATOR")
+            and _C.mpi_available(mpi_library())[0])
+
+
+def _join_mpi(strict: bool) -> Group:
+    lib = mpi_library()
+    ok, why = _C.mpi_available(lib)
+    if not ok:
+        if strict:
+            raise DistributedError(f"init(backend='mpi'): {why}")
+        return Group(None, 0, 1, "mpi")
+    handle = _call(_C.init_mpi, lib, timeout())
+    rank, size = _C.group_info(handle)
+    _tell_launcher()
+    return Group(handle, rank, size, "mpi")
+
+
 def _tell_launcher() -> None:
     """Signals `jax-mlxdist launch` that this rank is connected (for its progress line)."""
     fd = os.environ.pop("MLXDIST_READY_FD", "")
@@ -227,3 +253,4 @@ def _close_all() -> None:
             g.close()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
+    _C.mpi_finalize()  # only if MPI was started here and nothing was left pending

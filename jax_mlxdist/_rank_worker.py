@@ -1,5 +1,10 @@
-"""Child side of jax_mlxdist.testing.run_ranks: run one pickled function, pickle the outcome."""
+"""Child side of jax_mlxdist.testing.run_ranks: run one pickled function, pickle the outcome.
 
+Under mpirun the paths hold "{rank}" (filled from Open MPI's rank) and the rank writes its own
+output file, since mpirun would mix the ranks' output.
+"""
+
+import os
 import sys
 import traceback
 
@@ -36,4 +41,12 @@ def main(payload_path: str, result_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    payload, result, *output = sys.argv[1:]
+    if "{rank}" in result:
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0"))
+        result = result.replace("{rank}", rank)
+        if output:
+            fd = os.open(output[0].replace("{rank}", rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+    sys.exit(main(payload, result))

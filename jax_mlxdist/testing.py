@@ -11,6 +11,7 @@ RanksFailed with every rank's traceback and last output; no rank process is left
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,43 +55,88 @@ def _tail(path: str) -> str:
 
 def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = None,
               timeout: float = 120.0, env: dict[str, str] | None = None,
-              connections_per_rank: int = 1) -> list[Any]:
-    """fn(*args, **kwargs) on n ranks; returns the per-rank results in rank order."""
+              connections_per_rank: int = 1, backend: str | None = None) -> list[Any]:
+    """fn(*args, **kwargs) on n ranks; returns the per-rank results in rank order.
+
+    backend: "ring" (default; ranks configured by a hostfile) or "mpi" (the ranks started by
+    Open MPI's mpirun, init() picking the MPI backend); MLXDIST_TEST_BACKEND sets the default.
+    """
+    backend = backend or os.environ.get("MLXDIST_TEST_BACKEND", "") or "ring"
+    if backend not in ("ring", "mpi"):
+        raise ValueError(f"run_ranks: backend must be 'ring' or 'mpi', got {backend!r}")
     for f in (fn, *args):  # functions passed along (a test body, say) travel by value too
         if callable(f):
             _by_value(f)
-    with tempfile.TemporaryDirectory(prefix="mlxdist-ranks-") as tmp, \
-            LocalRanks(n, connections_per_rank) as ranks:
+    base_env = dict(os.environ)
+    base_env.setdefault("JAX_PLATFORMS", "cpu")
+    base_env.update(env or {})
+    with tempfile.TemporaryDirectory(prefix="mlxdist-ranks-") as tmp:
         payload = os.path.join(tmp, "payload.pkl")
         with open(payload, "wb") as f:
             cloudpickle.dump((fn, args, kwargs or {}), f)
-        procs, outputs, result_paths = [], [], []
+        outputs = [os.path.join(tmp, f"rank{r}.out") for r in range(n)]
+        result_paths = [os.path.join(tmp, f"rank{r}.result") for r in range(n)]
+        worker = [sys.executable, "-P", "-m", "jax_mlxdist._rank_worker", payload]
+        # -P: the current directory must not shadow the installed package.
+        if backend == "mpi":
+            procs, hung = _under_mpirun(n, worker, tmp, base_env, timeout)
+        else:
+            procs, hung = _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout,
+                                           connections_per_rank)
+        return _collect(procs, outputs, result_paths, hung, timeout)
+
+
+def _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout, connections):
+    procs = []
+    with LocalRanks(n, connections) as ranks:
         try:
             for r in range(n):
-                rank_env = dict(os.environ)
-                rank_env.setdefault("JAX_PLATFORMS", "cpu")
-                rank_env.update(env or {})
-                rank_env.update(ranks.env_for(r))
-                outputs.append(os.path.join(tmp, f"rank{r}.out"))
-                result_paths.append(os.path.join(tmp, f"rank{r}.result"))
-                with open(outputs[-1], "wb") as out:
+                with open(outputs[r], "wb") as out:
                     procs.append(subprocess.Popen(
-                        [sys.executable, "-P", "-m", "jax_mlxdist._rank_worker", payload, result_paths[-1]],
-                        # -P: the current directory must not shadow the installed package.
-                        env=rank_env, stdout=out, stderr=subprocess.STDOUT,
-                        pass_fds=ranks.pass_fds_for(r), start_new_session=True))
+                        [*worker, result_paths[r]], env={**base_env, **ranks.env_for(r)},
+                        stdout=out, stderr=subprocess.STDOUT, pass_fds=ranks.pass_fds_for(r),
+                        start_new_session=True))
             ranks.close_sockets()  # the ranks hold their own copies of the listening sockets
-            deadline = time.monotonic() + timeout
-            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                try:
-                    next(p for p in procs if p.poll() is None).wait(timeout=0.05)
-                except subprocess.TimeoutExpired:
-                    pass
+            _wait_all(procs, timeout)
             hung = [r for r, p in enumerate(procs) if p.poll() is None]
         finally:
             for p in procs:
                 _kill_group(p)
-        return _collect(procs, outputs, result_paths, hung, timeout)
+    return procs, hung
+
+
+def _under_mpirun(n, worker, tmp, base_env, timeout):
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise RuntimeError("run_ranks(backend='mpi') needs mpirun (Open MPI) on the PATH")
+    env = {k: v for k, v in base_env.items() if not k.startswith(("MLX_", "MLXDIST_LISTEN"))}
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    with open(os.path.join(tmp, "mpirun.out"), "wb") as out:
+        p = subprocess.Popen([mpirun, *root, "--oversubscribe", "-np", str(n), *worker,
+                              os.path.join(tmp, "rank{rank}.result"),
+                              os.path.join(tmp, "rank{rank}.out")],
+                             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_all([p], timeout)
+        hung = list(range(n)) if p.poll() is None else []
+    finally:
+        if p.poll() is None:
+            p.terminate()  # mpirun stops its ranks on SIGTERM (they may be in other groups)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(p)
+    return [p] * n, hung
+
+
+def _wait_all(procs, timeout) -> None:
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        try:
+            next(p for p in procs if p.poll() is None).wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _kill_group(p: subprocess.Popen) -> None:

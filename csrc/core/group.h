@@ -44,4 +44,12 @@ class Group {
   std::string label() const;
 };
 
+// A splitmix64 step: group ids derived the same way agree on every rank.
+inline uint64_t mix_ids(uint64_t a, uint64_t b) {
+  uint64_t z = a + 0x9e3779b97f4a7c15ull + (b << 6) + (b >> 2);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
 }  // namespace mlxdist

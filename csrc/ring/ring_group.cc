@@ -14,13 +14,6 @@
 namespace mlxdist::ring {
 namespace {
 
-uint64_t mix(uint64_t a, uint64_t b) {  // splitmix64 step: ids that agree on every rank
-  uint64_t z = a + 0x9e3779b97f4a7c15ull + (b << 6) + (b >> 2);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 Deadline deadline_after(double seconds) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
@@ -197,7 +190,7 @@ std::shared_ptr<Group> RingGroup::split(int color, int key) {
     world.push_back(world_ranks_[members[i]]);
     if (members[i] == rank_) new_rank = int(i);
   }
-  uint64_t new_id = mix(mix(id_, splits_++), uint64_t(uint32_t(color)));
+  uint64_t new_id = mix_ids(mix_ids(id_, splits_++), uint64_t(uint32_t(color)));
   return std::make_shared<RingGroup>(new_id, new_rank, std::move(world), book_, opts_);
 }
 
@@ -285,7 +278,7 @@ std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::s
     tcp::ensure_listening(mine[k], listen_fds.empty() ? -1 : listen_fds[k]);
   std::vector<int> world(n);
   std::iota(world.begin(), world.end(), 0);
-  return std::make_shared<RingGroup>(mix(0x776f726c64ull, generation++), rank, std::move(world),
+  return std::make_shared<RingGroup>(mix_ids(0x776f726c64ull, generation++), rank, std::move(world),
                                      std::move(book), opts);
 }
 

@@ -1,0 +1,258 @@
+#include "mpi/mpi_group.h"
+
+#include <chrono>
+#include <climits>
+#include <thread>
+
+#include "core/error.h"
+
+namespace mlxdist::mpi {
+namespace {
+
+// Our own kernels as MPI ops where MPI's builtins differ from the ring (NaN propagates
+// through max/min, as the ring and numpy do).
+template <DType T, ReduceOp R>
+void kernel(void* in, void* inout, int* len, Handle*) {
+  reduce_into(inout, in, size_t(*len), T, R);
+}
+
+struct UserOps {
+  Handle max32 = nullptr, min32 = nullptr, max64 = nullptr, min64 = nullptr;
+};
+
+UserOps& user_ops(Lib& lib) {
+  static UserOps ops = [&lib] {
+    UserOps o;
+    std::lock_guard<std::mutex> lock(lib.mu);
+    check(lib, lib.Op_create(kernel<DType::kFloat32, ReduceOp::kMax>, 1, &o.max32), "MPI_Op_create");
+    check(lib, lib.Op_create(kernel<DType::kFloat32, ReduceOp::kMin>, 1, &o.min32), "MPI_Op_create");
+    check(lib, lib.Op_create(kernel<DType::kFloat64, ReduceOp::kMax>, 1, &o.max64), "MPI_Op_create");
+    check(lib, lib.Op_create(kernel<DType::kFloat64, ReduceOp::kMin>, 1, &o.min64), "MPI_Op_create");
+    return o;
+  }();
+  return ops;
+}
+
+int as_count(size_t count, const char* what) {
+  if (count > size_t(INT_MAX))
+    fail(what, ": ", count, " elements is more than MPI's limit of ", INT_MAX, " per call");
+  return int(count);
+}
+
+}  // namespace
+
+MpiGroup::MpiGroup(Lib& lib, Handle comm, uint64_t id, double timeout_s)
+    : lib_(lib), comm_(comm), id_(id), timeout_s_(timeout_s) {
+  std::lock_guard<std::mutex> lock(lib_.mu);
+  check(lib_, lib_.Comm_set_errhandler(comm_, lib_.errors_return), "MPI_Comm_set_errhandler");
+  check(lib_, lib_.Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+  check(lib_, lib_.Comm_size(comm_, &size_), "MPI_Comm_size");
+  sent_.assign(size_t(size_), 0);
+  received_.assign(size_t(size_), 0);
+  headers_.resize(size_t(size_));
+}
+
+MpiGroup::~MpiGroup() { close(); }
+
+Header MpiGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
+                        uint64_t seq) const {
+  Header h;
+  h.op = op;
+  h.dtype = t;
+  h.reduce = r;
+  h.group = id_;
+  h.seq = seq;
+  h.nbytes = nbytes;
+  h.shape_hash = shape_hash;
+  return h;
+}
+
+void MpiGroup::wait(Handle& req, const std::string& what) {
+  using namespace std::chrono;
+  const auto start = steady_clock::now();
+  const auto deadline = start + duration_cast<steady_clock::duration>(duration<double>(timeout_s_));
+  auto nap = microseconds(5);
+  for (;;) {
+    int done = 0;
+    {
+      std::lock_guard<std::mutex> lock(lib_.mu);
+      check(lib_, lib_.Test(&req, &done, nullptr), "MPI_Test");
+    }
+    if (done) return;
+    const auto now = steady_clock::now();
+    if (now >= deadline) {
+      failed_ = lib_.failed = true;  // the request stays posted: MPI cannot cancel it
+      fail(what, ": no progress within MLXDIST_TIMEOUT=", timeout_s_, "s (a peer stalled, died, ",
+           "or called another op)");
+    }
+    if (now - start > microseconds(50)) {  // spin briefly, then back off (small machines)
+      std::this_thread::sleep_for(nap);
+      nap = std::min(nap * 2, duration_cast<microseconds>(microseconds(200)));
+    }
+  }
+}
+
+void MpiGroup::agree(const Header& mine) {
+  Handle req = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    check(lib_, lib_.Iallgather(&mine, sizeof(Header), lib_.byte, headers_.data(), sizeof(Header),
+                                lib_.byte, comm_, &req), "MPI_Iallgather");
+  }
+  wait(req, "exchanging headers");
+  for (int r = 0; r < size_; ++r)
+    if (r != rank_) check_header(mine, headers_[size_t(r)], "this rank", "rank " + std::to_string(r));
+}
+
+Handle MpiGroup::op_for(DType t, ReduceOp op) const {
+  if (t == DType::kBool) return (op == ReduceOp::kSum || op == ReduceOp::kMax) ? lib_.bor : lib_.band;
+  if (t == DType::kFloat32 || t == DType::kFloat64) {
+    UserOps& u = user_ops(lib_);
+    bool wide = t == DType::kFloat64;
+    if (op == ReduceOp::kMax) return wide ? u.max64 : u.max32;
+    if (op == ReduceOp::kMin) return wide ? u.min64 : u.min32;
+  }
+  switch (op) {
+    case ReduceOp::kSum: return lib_.sum;
+    case ReduceOp::kMax: return lib_.max;
+    case ReduceOp::kMin: return lib_.min;
+    default: return lib_.prod;
+  }
+}
+
+void MpiGroup::reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                      bool scatter) {
+  const char* what = scatter ? "MPI_Ireduce_scatter_block" : "MPI_Iallreduce";
+  const size_t in_count = scatter ? count * size_t(size_) : count;
+  DType wire = is_half(t) ? DType::kFloat32 : t;
+  if (wire != t) {  // float16/bfloat16: reduce in float32, as the ring does
+    wide_in_.resize(in_count);
+    wide_out_.resize(count);
+    to_float32(in, wide_in_.data(), in_count, t);
+    in = wide_in_.data();
+  }
+  void* dst = wire != t ? static_cast<void*>(wide_out_.data()) : out;
+  const void* src = (!scatter && in == dst) ? kInPlace : in;
+  Handle req = nullptr, type = lib_.types[size_t(wire)], mpi_op = op_for(wire, op);
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    int n = as_count(count, what);
+    int rc = scatter ? lib_.Ireduce_scatter_block(src, dst, n, type, mpi_op, comm_, &req)
+                     : lib_.Iallreduce(src, dst, n, type, mpi_op, comm_, &req);
+    check(lib_, rc, what);
+  }
+  wait(req, what);
+  if (wire != t) from_float32(wide_out_.data(), out, count, t);
+}
+
+void MpiGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                          uint64_t shape_hash) {
+  agree(header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++));
+  reduce(in, out, count, t, op, false);
+}
+
+void MpiGroup::reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                              uint64_t shape_hash) {
+  agree(header(OpCode::kReduceScatter, t, op, count * size_t(size_) * dtype_size(t), shape_hash,
+               seq_++));
+  reduce(in, out, count, t, op, true);
+}
+
+void MpiGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
+  const size_t bytes = count * dtype_size(t);
+  agree(header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++));
+  Handle req = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    int n = as_count(bytes, "MPI_Iallgather");
+    check(lib_, lib_.Iallgather(in, n, lib_.byte, out, n, lib_.byte, comm_, &req),
+          "MPI_Iallgather");
+  }
+  wait(req, "MPI_Iallgather");
+}
+
+void MpiGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
+  if (dst < 0 || dst >= size_ || dst == rank_) fail("send: invalid destination rank ", dst);
+  const std::string peer = "rank " + std::to_string(dst);
+  Header h = header(OpCode::kSend, t, ReduceOp::kSum, count * dtype_size(t), shape_hash,
+                    sent_[size_t(dst)]++);
+  h.tag = uint8_t(tag);
+  Handle reqs[2] = {nullptr, nullptr};
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    int n = as_count(h.nbytes, "MPI_Isend");
+    check(lib_, lib_.Isend(&h, sizeof(h), lib_.byte, dst, 2 * tag, comm_, &reqs[0]), "MPI_Isend");
+    check(lib_, lib_.Isend(in, n, lib_.byte, dst, 2 * tag + 1, comm_, &reqs[1]), "MPI_Isend");
+  }
+  wait(reqs[0], "send to " + peer);
+  wait(reqs[1], "send to " + peer);
+}
+
+void MpiGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
+  if (src < 0 || src >= size_ || src == rank_) fail("recv: invalid source rank ", src);
+  const std::string peer = "rank " + std::to_string(src);
+  Header mine = header(OpCode::kSend, t, ReduceOp::kSum, count * dtype_size(t), shape_hash,
+                       received_[size_t(src)]++);
+  mine.tag = uint8_t(tag);
+  Header theirs;
+  Handle req = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    check(lib_, lib_.Irecv(&theirs, sizeof(theirs), lib_.byte, src, 2 * tag, comm_, &req),
+          "MPI_Irecv");
+  }
+  wait(req, "recv from " + peer);
+  check_header(mine, theirs, "this rank", peer);
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    int n = as_count(mine.nbytes, "MPI_Irecv");
+    check(lib_, lib_.Irecv(out, n, lib_.byte, src, 2 * tag + 1, comm_, &req), "MPI_Irecv");
+  }
+  wait(req, "recv from " + peer);
+}
+
+void MpiGroup::barrier() {
+  agree(header(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++));
+}
+
+std::shared_ptr<Group> MpiGroup::split(int color, int key) {
+  agree(header(OpCode::kSplit, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++));
+  Handle child = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    // MPI_Comm_split blocks until every rank calls it; the header exchange above has just
+    // shown that they all are.
+    check(lib_, lib_.Comm_split(comm_, color, key, &child), "MPI_Comm_split");
+  }
+  return std::make_shared<MpiGroup>(lib_, child, mix_ids(mix_ids(id_, splits_++), uint32_t(color)),
+                                    timeout_s_);
+}
+
+void MpiGroup::abort() {
+  // MPI cannot drop a communicator's traffic; a failed group just stops being used.
+  failed_ = true;
+}
+
+void MpiGroup::close() {
+  if (!comm_) return;
+  if (!failed_ && !lib_.failed) {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    int finalized = 0;
+    lib_.Finalized(&finalized);
+    if (!finalized) lib_.Comm_free(&comm_);
+  }
+  comm_ = nullptr;
+}
+
+std::shared_ptr<Group> make_world(const std::string& lib_path, double timeout_s) {
+  Lib& lib = load(lib_path);
+  static uint64_t generation = 0;  // same sequence of inits on every rank
+  Handle comm = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(lib.mu);
+    check(lib, lib.Comm_dup(lib.comm_world, &comm), "MPI_Comm_dup");
+  }
+  return std::make_shared<MpiGroup>(lib, comm, mix_ids(0x6d7069ull, generation++), timeout_s);
+}
+
+}  // namespace mlxdist::mpi

@@ -1,0 +1,68 @@
+// The MPI backend: every op through the machine's MPI library (its fabric, its launcher).
+// Ops are posted non-blocking and polled, so a stalled peer fails at the timeout instead of
+// blocking forever, and each collective first exchanges its header, so ranks that call
+// different ops, dtypes or shapes fail with both calls named instead of mixing data.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/group.h"
+#include "core/header.h"
+#include "transport/mpi_lib.h"
+
+namespace mlxdist::mpi {
+
+class MpiGroup : public Group {
+ public:
+  // Takes ownership of comm (a communicator of its own, never MPI_COMM_WORLD itself).
+  MpiGroup(Lib& lib, Handle comm, uint64_t id, double timeout_s);
+  ~MpiGroup() override;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  uint64_t id() const override { return id_; }
+  const char* backend() const override { return "mpi"; }
+
+  void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                  uint64_t shape_hash) override;
+  void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) override;
+  void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                      uint64_t shape_hash) override;
+  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
+            int tag) override;
+  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
+  void barrier() override;
+  std::shared_ptr<Group> split(int color, int key) override;
+  void abort() override;
+  void close() override;
+
+ private:
+  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
+                uint64_t seq) const;
+  // All ranks' headers for the next collective must match this rank's.
+  void agree(const Header& mine);
+  // Polls req until it completes or the timeout passes (naming what and the peer, if one).
+  void wait(Handle& req, const std::string& what);
+  // Reduction in MPI: float16/bfloat16 travel widened to float32 (as the ring accumulates).
+  void reduce(const void* in, void* out, size_t count, DType t, ReduceOp op, bool scatter);
+  Handle op_for(DType t, ReduceOp op) const;
+
+  Lib& lib_;
+  Handle comm_;
+  uint64_t id_;
+  double timeout_s_;
+  int rank_ = 0, size_ = 1;
+  uint64_t seq_ = 0, splits_ = 0;
+  std::vector<uint64_t> sent_, received_;
+  std::vector<Header> headers_;
+  std::vector<float> wide_in_, wide_out_;
+  bool failed_ = false;
+};
+
+// The world group: a duplicate of MPI_COMM_WORLD (so the program's own MPI traffic never
+// pairs with ours).
+std::shared_ptr<Group> make_world(const std::string& lib_path, double timeout_s);
+
+}  // namespace mlxdist::mpi

@@ -1,0 +1,170 @@
+#include "transport/mpi_lib.h"
+
+#include <dlfcn.h>
+
+#include <vector>
+
+#include "core/error.h"
+
+namespace mlxdist::mpi {
+namespace {
+
+const std::vector<std::string> kNames = {"libmpi.so.40", "libmpi.so"};  // Open MPI 3 to 5
+
+void* open_library(const std::string& path, std::string* why) {
+  std::vector<std::string> names = path.empty() ? kNames : std::vector<std::string>{path};
+  std::string tried;
+  for (const auto& name : names) {
+    // RTLD_GLOBAL: Open MPI's plug-ins resolve their symbols against libmpi.
+    if (void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
+    tried += "\n  " + name + ": " + dlerror();
+  }
+  *why = "no MPI library could be loaded (install Open MPI, or set MLXDIST_MPI_LIB):" + tried;
+  return nullptr;
+}
+
+template <typename T>
+void bind(void* h, const char* name, T& out, std::string& missing) {
+  out = reinterpret_cast<T>(dlsym(h, name));
+  if (!out) missing += std::string(missing.empty() ? "" : ", ") + name;
+}
+
+Lib* loaded = nullptr;
+std::mutex load_mu;
+
+Lib* resolve(void* h, const std::string& path, std::string* why) {
+  if (!dlsym(h, "ompi_mpi_comm_world")) {
+    *why = path + " is not Open MPI (other MPI libraries are not supported yet)";
+    return nullptr;
+  }
+  auto* lib = new Lib();
+  lib->path = path;
+  std::string missing;
+  auto obj = [&](const char* name) {
+    void* p = dlsym(h, name);
+    if (!p) missing += std::string(missing.empty() ? "" : ", ") + name;
+    return p;
+  };
+  lib->comm_world = obj("ompi_mpi_comm_world");
+  lib->errors_return = obj("ompi_mpi_errors_return");
+  lib->request_null = obj("ompi_request_null");
+  lib->byte = obj("ompi_mpi_byte");
+  lib->sum = obj("ompi_mpi_op_sum");
+  lib->max = obj("ompi_mpi_op_max");
+  lib->min = obj("ompi_mpi_op_min");
+  lib->prod = obj("ompi_mpi_op_prod");
+  lib->band = obj("ompi_mpi_op_band");
+  lib->bor = obj("ompi_mpi_op_bor");
+  auto type = [&](DType t, const char* name) { lib->types[size_t(t)] = obj(name); };
+  type(DType::kBool, "ompi_mpi_uint8_t");  // 0/1 bytes: OR and AND as bitwise ops
+  type(DType::kInt8, "ompi_mpi_int8_t");
+  type(DType::kInt16, "ompi_mpi_int16_t");
+  type(DType::kInt32, "ompi_mpi_int32_t");
+  type(DType::kInt64, "ompi_mpi_int64_t");
+  type(DType::kUInt8, "ompi_mpi_uint8_t");
+  type(DType::kUInt16, "ompi_mpi_uint16_t");
+  type(DType::kUInt32, "ompi_mpi_uint32_t");
+  type(DType::kUInt64, "ompi_mpi_uint64_t");
+  type(DType::kFloat32, "ompi_mpi_float");
+  type(DType::kFloat64, "ompi_mpi_double");
+  type(DType::kComplex64, "ompi_mpi_c_float_complex");
+  bind(h, "MPI_Initialized", lib->Initialized, missing);
+  bind(h, "MPI_Finalized", lib->Finalized, missing);
+  bind(h, "MPI_Init_thread", lib->Init_thread, missing);
+  bind(h, "MPI_Finalize", lib->Finalize, missing);
+  bind(h, "MPI_Comm_rank", lib->Comm_rank, missing);
+  bind(h, "MPI_Comm_size", lib->Comm_size, missing);
+  bind(h, "MPI_Comm_dup", lib->Comm_dup, missing);
+  bind(h, "MPI_Comm_split", lib->Comm_split, missing);
+  bind(h, "MPI_Comm_free", lib->Comm_free, missing);
+  bind(h, "MPI_Comm_set_errhandler", lib->Comm_set_errhandler, missing);
+  bind(h, "MPI_Error_string", lib->Error_string, missing);
+  bind(h, "MPI_Op_create", lib->Op_create, missing);
+  bind(h, "MPI_Iallreduce", lib->Iallreduce, missing);
+  bind(h, "MPI_Iallgather", lib->Iallgather, missing);
+  bind(h, "MPI_Ireduce_scatter_block", lib->Ireduce_scatter_block, missing);
+  bind(h, "MPI_Isend", lib->Isend, missing);
+  bind(h, "MPI_Irecv", lib->Irecv, missing);
+  bind(h, "MPI_Ibarrier", lib->Ibarrier, missing);
+  bind(h, "MPI_Test", lib->Test, missing);
+  if (!missing.empty()) {
+    *why = path + " lacks " + missing + " (an MPI-3 library is needed)";
+    delete lib;
+    return nullptr;
+  }
+  int (*version)(char*, int*) = nullptr;
+  std::string unused;
+  bind(h, "MPI_Get_library_version", version, unused);
+  if (version) {
+    char buf[8192] = {};
+    int len = 0;
+    version(buf, &len);
+    lib->version.assign(buf, size_t(std::max(0, std::min(len, int(sizeof(buf))))));
+    auto nl = lib->version.find('\n');
+    if (nl != std::string::npos) lib->version.resize(nl);
+  }
+  return lib;
+}
+
+Lib* open_and_resolve(const std::string& path, std::string* why) {
+  void* h = open_library(path, why);
+  if (!h) return nullptr;
+  Dl_info info{};
+  std::string where = path.empty() ? kNames[0] : path;
+  if (void* sym = dlsym(h, "MPI_Init_thread"); sym && dladdr(sym, &info) && info.dli_fname)
+    where = info.dli_fname;
+  return resolve(h, where, why);
+}
+
+}  // namespace
+
+void check(Lib& lib, int rc, const char* call) {
+  if (rc == 0) return;
+  char msg[1024] = {};
+  int len = 0;
+  if (lib.Error_string(rc, msg, &len) != 0) len = 0;
+  lib.failed = true;
+  fail(call, " failed: ", std::string(msg, size_t(std::max(0, std::min(len, 1023)))),
+       " (MPI error ", rc, ")");
+}
+
+bool available(const std::string& path, std::string* why) {
+  std::lock_guard<std::mutex> lock(load_mu);
+  if (loaded) return true;
+  Lib* lib = open_and_resolve(path, why);
+  if (!lib) return false;
+  loaded = lib;  // kept: loading twice is harmless but pointless
+  return true;
+}
+
+Lib& load(const std::string& path) {
+  std::string why;
+  if (!available(path, &why)) fail("MPI backend: ", why);
+  Lib& lib = *loaded;
+  std::lock_guard<std::mutex> lock(lib.mu);
+  int done = 0;
+  lib.Finalized(&done);
+  if (done) fail("MPI backend: MPI was already finalised in this process");
+  int ready = 0;
+  lib.Initialized(&ready);
+  if (!ready) {
+    int provided = 0;
+    check(lib, lib.Init_thread(nullptr, nullptr, kThreadMultiple, &provided), "MPI_Init_thread");
+    lib.initialized_here = true;
+    if (provided < kThreadSerialized)
+      fail("MPI backend: ", lib.path, " offers thread level ", provided,
+           "; at least MPI_THREAD_SERIALIZED is needed");
+  }
+  return lib;
+}
+
+void finalize() {
+  std::lock_guard<std::mutex> guard(load_mu);
+  if (!loaded || !loaded->initialized_here || loaded->failed) return;
+  std::lock_guard<std::mutex> lock(loaded->mu);
+  int done = 0;
+  loaded->Finalized(&done);
+  if (!done) loaded->Finalize();
+}
+
+}  // namespace mlxdist::mpi
