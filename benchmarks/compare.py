@@ -4,7 +4,8 @@
     python benchmarks/compare.py                            # n = 2, 4 B .. 64 MiB
     python benchmarks/compare.py -n 2 4 --sizes 4 64K 1M --plot out.png --json out.json
 
-Implementations (--impls): ours (jax_mlxdist ring, this interpreter), mlx (MLX ring 0.32.4,
+Implementations (--impls): ours (jax_mlxdist ring, this interpreter), ours-mpi-tcp and
+ours-mpi-shm (jax_mlxdist's MPI backend over the same Open MPI as mpi4jax), mlx (MLX ring 0.32.4,
 MLX_RANK + MLX_HOSTFILE, our own small launcher), torch (torch 2.13.0 gloo), jax (JAX 0.10.2's
 own CPU collectives: jax.distributed + shard_map, gloo), mpi4jax-tcp and mpi4jax-shm (mpi4jax
 0.9.1.post2 over Open MPI, TCP BTL or shared-memory BTL, started by mpirun). Every peer runs in
@@ -61,6 +62,10 @@ IMPLS = {
     "mlx": dict(label="MLX ring", venv="mlx", script="mlx_ring.py", start="mlx"),
     "torch": dict(label="torch gloo", venv="torch", script="torch_gloo.py", start="plain"),
     "jax": dict(label="JAX gloo", venv="jax", script="jax_gloo.py", start="plain"),
+    "ours-mpi-tcp": dict(label="ours MPI TCP", venv=None, script="ours.py", start="mpi",
+                         mca=MPI_TCP, env={"BENCH_BACKEND": "mpi"}),
+    "ours-mpi-shm": dict(label="ours MPI shm", venv=None, script="ours.py", start="mpi",
+                         mca=MPI_SHM, env={"BENCH_BACKEND": "mpi"}),
     "mpi4jax-tcp": dict(label="mpi4jax TCP", venv="mpi4jax", script="mpi4jax_rank.py",
                         start="mpi", mca=MPI_TCP),
     "mpi4jax-shm": dict(label="mpi4jax shm", venv="mpi4jax", script="mpi4jax_rank.py",
@@ -108,6 +113,7 @@ class Group:
                "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
         if self.name == "torch":
             env["OMP_NUM_THREADS"] = "1"
+        env.update(self.spec.get("env", {}))
         out = open(self.log, "wb")
         reservations: list[socket.socket] = []
         hostfile = None

@@ -150,7 +150,7 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     if _world is not None:
         return _world
     if backend == "mpi" or (backend == "any" and _mpi_by_default()):
-        _world = _join_mpi(strict or backend == "mpi")
+        _world = _join_mpi(strict)
         return _world
     config = ring_config() if backend in ("any", "ring") else None
     meet = coordinator_config() if config is None and backend in ("any", "ring") else None
@@ -207,7 +207,7 @@ def _join_mpi(strict: bool) -> Group:
     ok, why = _C.mpi_available(lib)
     if not ok:
         if strict:
-            raise DistributedError(f"init(backend='mpi'): {why}")
+            raise DistributedError(f"init(strict=True, backend='mpi'): {why}")
         return Group(None, 0, 1, "mpi")
     handle = _call(_C.init_mpi, lib, timeout())
     rank, size = _C.group_info(handle)

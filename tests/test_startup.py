@@ -16,7 +16,8 @@ from jax_mlxdist import DistributedError, _config
 CHECK = textwrap.dedent("""
     import os, sys
     import jax_mlxdist as dist
-    g = dist.init(strict=True)
+    g = dist.init(strict=True, backend=os.environ.get("BACKEND", "any"))
+    assert g.backend == "ring"
     total = float(dist.all_sum(float(g.rank() + 1)))
     assert total == g.size() * (g.size() + 1) / 2, total
     line = f"rank {g.rank()} of {g.size()} sum {total}"
@@ -125,9 +126,10 @@ MPIRUN = shutil.which("mpirun")
 @pytest.mark.parametrize("n", [2, 4])
 def test_mpirun_forms_a_ring(n, tmp_path):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    env = {**BASE, "OMPI_MCA_btl": "self,tcp", "BACKEND": "ring"}  # "any" would pick MPI
     out = subprocess.run([MPIRUN, *root, "--oversubscribe", "-np", str(n), sys.executable, "-P",
-                          "-c", CHECK, str(tmp_path)], env={**BASE, "OMPI_MCA_btl": "self,tcp"},
-                         capture_output=True, text=True, timeout=300)
+                          "-c", CHECK, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     for r in range(n):
         assert (tmp_path / f"out{r}").read_text() == f"rank {r} of {n} sum {n * (n + 1) / 2}"

@@ -1,4 +1,5 @@
-"""Rank script for jax_mlxdist (ring backend), started by `python -m jax_mlxdist.launch -n N`."""
+"""Rank script for jax_mlxdist: the ring backend, started by `python -m jax_mlxdist.launch -n N`,
+or the MPI backend (BENCH_BACKEND=mpi), started by mpirun."""
 
 import os
 import sys
@@ -10,7 +11,7 @@ import jax_mlxdist as dist  # noqa: E402
 from common import Control, control_port, serve  # noqa: E402
 from jax_cases import JaxImpl  # noqa: E402
 
-group = dist.init(strict=True)
+group = dist.init(strict=True, backend=os.environ.get("BENCH_BACKEND", "any"))
 ctl = Control(control_port(), group.rank(), group.size())
 ctl.hello()
 serve(JaxImpl(group.rank(), group.size(),

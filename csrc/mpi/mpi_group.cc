@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <climits>
+#include <cstring>
 #include <thread>
 
 #include "core/error.h"
@@ -71,7 +72,7 @@ void MpiGroup::wait(Handle& req, const std::string& what) {
   using namespace std::chrono;
   const auto start = steady_clock::now();
   const auto deadline = start + duration_cast<steady_clock::duration>(duration<double>(timeout_s_));
-  auto nap = microseconds(5);
+  auto nap = microseconds(20);
   for (;;) {
     int done = 0;
     {
@@ -85,9 +86,14 @@ void MpiGroup::wait(Handle& req, const std::string& what) {
       fail(what, ": no progress within MLXDIST_TIMEOUT=", timeout_s_, "s (a peer stalled, died, ",
            "or called another op)");
     }
-    if (now - start > microseconds(50)) {  // spin briefly, then back off (small machines)
+    // MPI progresses non-blocking ops only inside MPI_Test: poll continuously (yielding the
+    // core to other threads) while the op is young, then back off so a long wait (a peer
+    // far behind) does not burn a core.
+    if (now - start < seconds(1)) {
+      std::this_thread::yield();
+    } else {
       std::this_thread::sleep_for(nap);
-      nap = std::min(nap * 2, duration_cast<microseconds>(microseconds(200)));
+      nap = std::min(nap * 2, microseconds(500));
     }
   }
 }
@@ -132,7 +138,14 @@ void MpiGroup::reduce(const void* in, void* out, size_t count, DType t, ReduceOp
     in = wide_in_.data();
   }
   void* dst = wire != t ? static_cast<void*>(wide_out_.data()) : out;
-  const void* src = (!scatter && in == dst) ? kInPlace : in;
+  if (in == dst) {  // in place (XLA aliases our output to the input): libnbc's in-place
+    // all-reduce runs at less than half speed, so reduce from a copy instead
+    const size_t bytes = in_count * dtype_size(wire);
+    if (scratch_.size() < bytes) scratch_.resize(bytes);
+    std::memcpy(scratch_.data(), in, bytes);
+    in = scratch_.data();
+  }
+  const void* src = in;
   Handle req = nullptr, type = lib_.types[size_t(wire)], mpi_op = op_for(wire, op);
   {
     std::lock_guard<std::mutex> lock(lib_.mu);

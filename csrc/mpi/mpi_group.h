@@ -58,6 +58,7 @@ class MpiGroup : public Group {
   std::vector<uint64_t> sent_, received_;
   std::vector<Header> headers_;
   std::vector<float> wide_in_, wide_out_;
+  std::vector<char> scratch_;
   bool failed_ = false;
 };
 

@@ -56,7 +56,6 @@ void finalize();
 // Throws DistError with MPI's own message when rc is not MPI_SUCCESS.
 void check(Lib& lib, int rc, const char* call);
 
-inline void* const kInPlace = reinterpret_cast<void*>(1);  // MPI_IN_PLACE
 constexpr int kThreadSerialized = 2, kThreadMultiple = 3;
 
 }  // namespace mlxdist::mpi

@@ -1,0 +1,92 @@
+"""The MPI backend under Debian's Open MPI (mpirun): the core and autodiff suites on it, and
+its own failure modes."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from jax_mlxdist import _C
+from jax_mlxdist.testing import RanksFailed, run_ranks
+
+HAVE_MPI = shutil.which("mpirun") is not None and _C.mpi_available("")[0]
+pytestmark = pytest.mark.skipif(
+    not HAVE_MPI, reason="needs Open MPI's mpirun and libmpi (.ci/run installs openmpi-bin)")
+TESTS = Path(__file__).parent
+
+
+def test_core_and_autodiff_suites_on_mpi():
+    # The same test files, every rank count they use (2, 3, 4), with mpirun starting the ranks.
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(TESTS / "test_collectives.py"), str(TESTS / "test_autodiff.py")],
+        env={**os.environ, "MLXDIST_TEST_BACKEND": "mpi"}, capture_output=True, text=True,
+        timeout=1800, cwd=TESTS.parent)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout and "skipped" not in out.stdout
+
+
+def body_backend():
+    import jax_mlxdist as dist
+    g = dist.init()
+    return g.backend, dist.is_available("mpi"), float(dist.all_sum(1.0))
+
+
+def test_any_picks_mpi_under_mpirun():
+    assert run_ranks(body_backend, 2, backend="mpi") == [("mpi", True, 2.0)] * 2
+
+
+def body_mismatch():
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    dist.all_sum(jnp.ones(3 + g.rank()))
+
+
+def test_mismatched_shapes_raise_on_every_rank():
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(body_mismatch, 2, backend="mpi", timeout=120)
+    msg = str(info.value)
+    for r in range(2):
+        assert f"rank {r} raised DistributedError" in msg
+    assert "all_sum(float32, 12 bytes" in msg and "all_sum(float32, 16 bytes" in msg
+
+
+def body_unmatched_recv():
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    if g.rank() == 0:
+        dist.recv_like(jnp.zeros(4), 1)
+    return "idle"
+
+
+def test_recv_without_send_times_out_naming_the_peer():
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(body_unmatched_recv, 2, backend="mpi", timeout=120,
+                  env={"MLXDIST_TIMEOUT": "2"})
+    msg = str(info.value)
+    assert "rank 0 raised DistributedError" in msg
+    assert "recv from rank 1: no progress within MLXDIST_TIMEOUT=2s" in msg
+
+
+def test_missing_library_is_a_clear_error(tmp_path):
+    script = textwrap.dedent("""
+        import jax_mlxdist as dist
+        assert not dist.is_available("mpi")
+        try:
+            dist.init(strict=True, backend="mpi")
+        except dist.DistributedError as e:
+            print("raised:", e)
+        print("strict=False:", dist.init(strict=False, backend="mpi").size())
+    """)
+    out = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "MLXDIST_MPI_LIB": str(tmp_path / "libnompi.so")},
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "raised: init(strict=True, backend='mpi'): no MPI library could be loaded" in out.stdout
+    assert "libnompi.so" in out.stdout and "strict=False: 1" in out.stdout
