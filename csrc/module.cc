@@ -113,6 +113,7 @@ NB_MODULE(_C, m) {
   m.def("close_group", [](int64_t handle) {
     nb::gil_scoped_release release;
     remove_group(handle);
+    ffi_handlers::release_gpu_staging(handle);
   });
 
   // Test hook for the wire-header decoder: compares two raw 40-byte headers as a receiver
@@ -129,9 +130,13 @@ NB_MODULE(_C, m) {
       },
       nb::arg("mine"), nb::arg("theirs"));
 
-  m.def("ffi_targets", [] {
-    nb::dict d;
-    for (auto& [name, fn] : ffi_handlers::cpu_targets()) d[name.c_str()] = nb::capsule(fn);
-    return d;
-  });
+  m.def(
+      "ffi_targets",
+      [](const std::string& platform) {
+        nb::dict d;
+        auto targets = platform == "cuda" ? ffi_handlers::gpu_targets() : ffi_handlers::cpu_targets();
+        for (auto& [name, fn] : targets) d[name.c_str()] = nb::capsule(fn);
+        return d;
+      },
+      nb::arg("platform") = "cpu");
 }

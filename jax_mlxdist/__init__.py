@@ -1,5 +1,7 @@
 """jax_mlxdist: MLX's distributed collectives as JAX primitives, over our own C++ backends."""
 
+import jax  # noqa: F401  (before our extension: some environments crash in ml_dtypes otherwise)
+
 try:
     from jax_mlxdist import _C  # noqa: F401
 except ImportError as e:  # a source checkout shadowing the installed package

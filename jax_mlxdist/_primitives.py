@@ -45,8 +45,12 @@ for _kind in (effects.lowerable_effects, effects.ordered_effects,
               effects.partial_eval_kept_effects):
     _kind.add_type(CollectiveEffect)
 
-for _name, _capsule in _C.ffi_targets().items():
+for _name, _capsule in _C.ffi_targets("cpu").items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+# Arrays on CUDA GPUs: the same ops, staged through pinned host memory. JAX keeps these until
+# a CUDA backend starts, so CPU-only installs are unaffected.
+for _name, _capsule in _C.ffi_targets("cuda").items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 
 
 def _lowering(target: str, attrs, *, operands: bool = True, **lowering_args):
@@ -78,7 +82,8 @@ def _primitive(name: str, abstract_eval, attrs, *, multiple_results=False,
     p.multiple_results = multiple_results
     p.def_impl(functools.partial(dispatch.apply_primitive, p))
     p.def_effectful_abstract_eval(lambda *a, **kw: (abstract_eval(*a, **kw), {effect}))
-    mlir.register_lowering(p, _lowering(name, attrs, **lowering_args), platform="cpu")
+    for platform in ("cpu", "cuda"):
+        mlir.register_lowering(p, _lowering(name, attrs, **lowering_args), platform=platform)
     return p
 
 

@@ -4,41 +4,13 @@
 
 #include "core/dtype.h"
 #include "core/registry.h"
+#include "ffi/decode.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace mlxdist::ffi_handlers {
 namespace {
-
-// Python recognises failures by this prefix and raises DistributedError.
-constexpr const char* kPrefix = "DistributedError: ";
-
-DType to_dtype(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::PRED: return DType::kBool;
-    case ffi::DataType::S8: return DType::kInt8;
-    case ffi::DataType::S16: return DType::kInt16;
-    case ffi::DataType::S32: return DType::kInt32;
-    case ffi::DataType::S64: return DType::kInt64;
-    case ffi::DataType::U8: return DType::kUInt8;
-    case ffi::DataType::U16: return DType::kUInt16;
-    case ffi::DataType::U32: return DType::kUInt32;
-    case ffi::DataType::U64: return DType::kUInt64;
-    case ffi::DataType::F16: return DType::kFloat16;
-    case ffi::DataType::BF16: return DType::kBFloat16;
-    case ffi::DataType::F32: return DType::kFloat32;
-    case ffi::DataType::F64: return DType::kFloat64;
-    case ffi::DataType::C64: return DType::kComplex64;
-    default: return DType::kCount;
-  }
-}
-
-uint64_t shape_hash(ffi::Span<const int64_t> dims) {
-  uint64_t h = 0xcbf29ce484222325ull ^ dims.size();  // FNV-1a over rank and extents
-  for (int64_t d : dims) h = (h ^ uint64_t(d)) * 0x100000001b3ull;
-  return h;
-}
 
 ffi::Future failed(const std::string& why) {
   ffi::Promise p;

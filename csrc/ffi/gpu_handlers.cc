@@ -1,0 +1,199 @@
+// FFI handlers for arrays on CUDA GPUs, over any backend that moves host memory (ring, MPI):
+// the input is copied to pinned host memory on XLA's stream, the op runs on the group's engine,
+// and the result is copied back on the same stream. Pinned buffers persist per group.
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "core/error.h"
+#include "core/registry.h"
+#include "ffi/decode.h"
+#include "ffi/handlers.h"
+#include "gpu/cuda_runtime.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace mlxdist::ffi_handlers {
+namespace {
+
+struct Staging {
+  std::mutex mu;  // one op at a time per group
+  gpu::PinnedBuffer in, out;
+};
+
+std::mutex stagings_mu;
+std::map<int64_t, std::shared_ptr<Staging>> stagings;
+
+std::shared_ptr<Staging> staging(int64_t group) {
+  std::lock_guard<std::mutex> lock(stagings_mu);
+  auto& s = stagings[group];
+  if (!s) s = std::make_shared<Staging>();
+  return s;
+}
+
+using Work = std::function<void(Group&, void* host_in, void* host_out)>;
+
+// in_bytes of d_in go to the host, work runs, out_bytes come back to d_out. in_place: the
+// result is written over the staged input (one pinned buffer).
+ffi::Error staged(void* stream, int64_t group, const std::string& what, const void* d_in,
+                  size_t in_bytes, void* d_out, size_t out_bytes, bool in_place, Work work) {
+  try {
+    auto engine = find_engine(group);
+    if (!engine) fail(what, ": the group is closed or was never initialised");
+    auto st = staging(group);
+    std::lock_guard<std::mutex> lock(st->mu);
+    gpu::Cuda& cuda = gpu::cuda();
+    void* h_in = in_bytes ? st->in.get(in_bytes) : nullptr;
+    void* h_out = in_place ? h_in : (out_bytes ? st->out.get(out_bytes) : nullptr);
+    if (in_bytes) {
+      gpu::check(cuda.MemcpyAsync(h_in, d_in, in_bytes, gpu::kDeviceToHost, stream), "cudaMemcpyAsync");
+      gpu::check(cuda.StreamSynchronize(stream), "cudaStreamSynchronize");
+    }
+    engine->run_sync(what, [&](Group& g) { work(g, h_in, h_out); });
+    if (out_bytes) {
+      gpu::check(cuda.MemcpyAsync(d_out, h_out, out_bytes, gpu::kHostToDevice, stream), "cudaMemcpyAsync");
+      // The pinned buffer is reused by the next op: the copy must be done before we return.
+      gpu::check(cuda.StreamSynchronize(stream), "cudaStreamSynchronize");
+    }
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(kPrefix) + e.what());
+  }
+}
+
+ffi::Error bad_dtype(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(kPrefix) + what + ": unsupported dtype");
+}
+
+ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Result<ffi::Token>, int64_t group, int64_t reduce) {
+  DType t = to_dtype(x.element_type());
+  std::string what = std::string("all_") + reduce_name(ReduceOp(reduce));
+  if (t == DType::kCount) return bad_dtype(what);
+  size_t count = x.element_count(), bytes = x.size_bytes();
+  uint64_t h = shape_hash(x.dimensions());
+  return staged(stream, group, what, x.untyped_data(), bytes, y->untyped_data(), bytes, true,
+                [=](Group& g, void* in, void* out) { g.all_reduce(in, out, count, t, ReduceOp(reduce), h); });
+}
+
+ffi::Error AllGather(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Result<ffi::Token>, int64_t group) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return bad_dtype("all_gather");
+  size_t count = x.element_count();
+  uint64_t h = shape_hash(x.dimensions());
+  return staged(stream, group, "all_gather", x.untyped_data(), x.size_bytes(), y->untyped_data(),
+                y->size_bytes(), false,
+                [=](Group& g, void* in, void* out) { g.all_gather(in, out, count, t, h); });
+}
+
+ffi::Error SumScatter(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                      ffi::Result<ffi::Token>, int64_t group) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return bad_dtype("sum_scatter");
+  size_t count = y->element_count();
+  uint64_t h = shape_hash(x.dimensions());
+  return staged(stream, group, "sum_scatter", x.untyped_data(), x.size_bytes(), y->untyped_data(),
+                y->size_bytes(), false, [=](Group& g, void* in, void* out) {
+                  g.reduce_scatter(in, out, count, t, ReduceOp::kSum, h);
+                });
+}
+
+// The output aliases x on the device, so nothing comes back.
+ffi::Error Send(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer>,
+                ffi::Result<ffi::Token>, int64_t group, int64_t dst, int64_t tag) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return bad_dtype("send");
+  size_t count = x.element_count();
+  uint64_t h = shape_hash(x.dimensions());
+  return staged(stream, group, "send to rank " + std::to_string(dst), x.untyped_data(),
+                x.size_bytes(), nullptr, 0, false,
+                [=](Group& g, void* in, void*) { g.send(in, count, t, int(dst), h, int(tag)); });
+}
+
+ffi::Error Recv(void* stream, ffi::Token, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Token>,
+                int64_t group, int64_t src, int64_t tag) {
+  DType t = to_dtype(y->element_type());
+  if (t == DType::kCount) return bad_dtype("recv");
+  size_t count = y->element_count();
+  uint64_t h = shape_hash(y->dimensions());
+  return staged(stream, group, "recv from rank " + std::to_string(src), nullptr, 0,
+                y->untyped_data(), y->size_bytes(), false,
+                [=](Group& g, void*, void* out) { g.recv(out, count, t, int(src), h, int(tag)); });
+}
+
+ffi::Error Barrier(void* stream, ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
+  return staged(stream, group, "barrier", nullptr, 0, nullptr, 0, false,
+                [](Group& g, void*, void*) { g.barrier(); });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kGpuAllReduce, AllReduce,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("reduce"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kGpuAllGather, AllGather,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kGpuSumScatter, SumScatter,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kGpuSend, Send,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("dst")
+                                  .Attr<int64_t>("tag"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kGpuRecv, Recv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("src")
+                                  .Attr<int64_t>("tag"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kGpuBarrier, Barrier,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::Token>()
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("group"));
+
+std::vector<std::pair<std::string, void*>> gpu_targets() {
+  return {{"mlxdist_all_reduce", reinterpret_cast<void*>(kGpuAllReduce)},
+          {"mlxdist_all_gather", reinterpret_cast<void*>(kGpuAllGather)},
+          {"mlxdist_sum_scatter", reinterpret_cast<void*>(kGpuSumScatter)},
+          {"mlxdist_send", reinterpret_cast<void*>(kGpuSend)},
+          {"mlxdist_recv", reinterpret_cast<void*>(kGpuRecv)},
+          {"mlxdist_barrier", reinterpret_cast<void*>(kGpuBarrier)}};
+}
+
+void release_gpu_staging(int64_t group) {
+  std::lock_guard<std::mutex> lock(stagings_mu);
+  stagings.erase(group);
+}
+
+}  // namespace mlxdist::ffi_handlers

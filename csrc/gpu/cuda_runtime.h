@@ -1,0 +1,38 @@
+// The CUDA runtime, loaded at run time (the JAX CUDA plugin has loaded it already in any
+// process with GPU arrays), so one build serves CPU-only and GPU machines.
+#pragma once
+
+#include <cstddef>
+
+namespace mlxdist::gpu {
+
+struct Cuda {
+  int (*MemcpyAsync)(void* dst, const void* src, size_t bytes, int kind, void* stream);
+  int (*StreamSynchronize)(void* stream);
+  int (*MallocHost)(void** ptr, size_t bytes);
+  int (*FreeHost)(void* ptr);
+  const char* (*GetErrorString)(int err);
+};
+
+constexpr int kHostToDevice = 1, kDeviceToHost = 2;
+
+// Throws DistError when no CUDA runtime can be loaded.
+Cuda& cuda();
+// Throws DistError naming call and CUDA's message when err is not cudaSuccess.
+void check(int err, const char* call);
+
+// A pinned host buffer that grows on demand (never shrinks) and is freed with its owner.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer();
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void* get(size_t bytes);
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace mlxdist::gpu
