@@ -1,0 +1,119 @@
+"""all_sum on GPU arrays: the ring backend staged through pinned host memory, and JAX's own
+shard_map(psum) on the same GPUs (one process, all of them), side by side.
+
+    python benchmarks/gpu_allreduce.py -n 2                       # 4 B .. 1 GiB
+    python benchmarks/gpu_allreduce.py -n 2 --sizes 4 1M 256M --impls ring jax
+
+Per size: chained jitted calls, median of batches, slowest rank; bus bandwidth 2(n-1)/n x
+bytes / time. NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+from jax_mlxdist.testing import run_ranks
+
+SIZES = ["4", "64K", "1M", "16M", "256M", "1G"]
+ENV = {"JAX_PLATFORMS": "cuda", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "NCCL_NVLS_ENABLE": "0"}
+
+
+def parse_size(s: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+
+
+def iterations(nbytes: int) -> int:
+    return max(3, min(200, (4 << 30) // max(nbytes, 1) // 16))
+
+
+def time_fn(step, x, nbytes, barrier, batches=5):
+    import time
+    x = step(x).block_until_ready()
+    times = []
+    for _ in range(batches):
+        barrier()
+        t = time.perf_counter()
+        for _ in range(iterations(nbytes)):
+            x = step(x)
+        x.block_until_ready()
+        times.append((time.perf_counter() - t) / iterations(nbytes))
+    return statistics.median(times)
+
+
+def ours(backend, sizes):
+    import jax
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init(strict=True, backend=backend)
+    step = jax.jit(lambda x: dist.all_sum(x) * (1.0 / g.size()), donate_argnums=0)
+    out = {}
+    for nbytes in sizes:
+        x = jnp.ones((max(1, nbytes // 4),), jnp.float32)
+        out[nbytes] = time_fn(step, x, nbytes, dist.barrier)
+        assert float(step(jnp.ones(4, jnp.float32))[0]) == 1.0
+    return out
+
+
+JAX_PSUM = """
+import json, sys, statistics, time
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, {here!r})
+from gpu_allreduce import time_fn
+n, sizes = {n}, {sizes}
+mesh = Mesh(jax.devices()[:n], ("x",))
+shard = getattr(jax, "shard_map", None) or __import__("jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
+f = jax.jit(shard(lambda x: jax.lax.psum(x, "x") * (1.0 / n), mesh=mesh, in_specs=P("x"), out_specs=P("x")),
+            donate_argnums=0)
+out = {{}}
+for nbytes in sizes:
+    x = jax.device_put(jnp.ones((n * max(1, nbytes // 4),), jnp.float32), NamedSharding(mesh, P("x")))
+    out[nbytes] = time_fn(f, x, nbytes, lambda: None)
+print(json.dumps(out))
+"""
+
+
+def jax_psum(n, sizes):
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = JAX_PSUM.format(here=here, n=n, sizes=sizes)
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **ENV}, check=True)
+    import json
+    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=2)
+    p.add_argument("--sizes", nargs="+", default=SIZES)
+    p.add_argument("--impls", nargs="+", default=["ring", "jax"], choices=["ring", "jax"])
+    args = p.parse_args()
+    sizes = [parse_size(s) for s in args.sizes]
+    results = {}
+    for impl in args.impls:
+        if impl == "jax":
+            results[impl] = jax_psum(args.n, sizes)
+            continue
+        per_rank = run_ranks(ours, args.n, args=(impl, sizes), env=ENV, timeout=1800)
+        results[impl] = {s: max(r[s] for r in per_rank) for s in sizes}
+    labels = {"ring": "ours, ring (staged)", "jax": "JAX shard_map(psum)"}
+    print(f"all_sum on {args.n} GPUs: time / bus GB/s (slowest rank, median)")
+    print("| size | " + " | ".join(labels[i] for i in args.impls) + " | ours / JAX (time) |")
+    print("| --- " * (len(args.impls) + 2) + "|")
+    for s in sizes:
+        cells = []
+        for i in args.impls:
+            t = results[i][s]
+            cells.append(f"{t * 1e6:.0f} us / {2 * (args.n - 1) / args.n * s / t / 1e9:.2f}")
+        ratio = (f"{results['ring'][s] / results['jax'][s]:.1f}" if "jax" in results and "ring" in results
+                 else "-")
+        print(f"| {args.sizes[sizes.index(s)]} | " + " | ".join(cells) + f" | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
