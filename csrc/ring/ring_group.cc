@@ -1,5 +1,7 @@
 #include "ring/ring_group.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -13,6 +15,17 @@
 
 namespace mlxdist::ring {
 namespace {
+
+// XLA hands us a fresh output buffer; faulting its pages in one call is much cheaper than
+// one fault per page while the data lands (large gathers otherwise spend most of their time
+// there). Best effort: kernels before 5.14 lack MADV_POPULATE_WRITE.
+void prefault(void* p, size_t bytes) {
+  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE
+  if (bytes < (1u << 20)) return;
+  const uintptr_t page = 4096, start = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(page - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, kPopulateWrite);
+}
 
 Deadline deadline_after(double seconds) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
@@ -118,6 +131,7 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
 void RingGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
   const size_t es = dtype_size(t), bytes = count * es;
   Context ctx(*this, header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++));
+  prefault(out, bytes * size());
   std::memcpy(static_cast<char*>(out) + rank_ * bytes, in, bytes);
   ring::all_gather(ctx, static_cast<char*>(out), es, Layout::blocks_of(count, size()));
 }

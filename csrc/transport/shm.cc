@@ -139,6 +139,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
   Mailbox* mine = mailbox(me_);
   auto idle_since = Clock::now();
+  bool rechecked = false;  // looked at the rings again after seeing a peer gone
   for (;;) {
     const uint32_t bell = mine->doorbell.load(std::memory_order_acquire);
     bool progressed = false, pending = false;
@@ -187,6 +188,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     if (!pending) return;
     auto now = Clock::now();
     if (progressed) {
+      rechecked = false;
       idle_since = now;
       deadline = std::max(deadline, now + stall);
       continue;
@@ -197,7 +199,15 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     }
     // Nothing moved for a while: sleep on our doorbell, waking to check peers are alive.
     std::string lost = tcp_->lost_peers(waiting_on);  // only peers we wait for: others may be done
-    if (!lost.empty()) fail(lost, " closed the connection");
+    if (!lost.empty()) {
+      // A peer may write its last bytes and exit between our look at its ring and this check:
+      // look once more before calling it lost.
+      if (!rechecked) {
+        rechecked = true;
+        continue;
+      }
+      fail(lost, " closed the connection");
+    }
     if (now >= deadline) fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) ", waiting);
     auto nap = std::min<Clock::duration>(kNap, deadline - now);
     timespec ts{time_t(nap / std::chrono::seconds(1)),
