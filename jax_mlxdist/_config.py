@@ -123,8 +123,6 @@ def transport() -> str:
     return value
 
 
-
-
 @dataclass
 class Coordinator:
     """Start-up without a hostfile: rank 0 listens at `address` and hands out the ring."""

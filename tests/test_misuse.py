@@ -182,8 +182,12 @@ def body_unmatched_send():
         small = dist.recv((3,), jnp.float32, 0).tolist()
     # Large (64 MB, more than any socket or shared-memory buffer): the sender times out.
     if g.rank() == 0:
+        import jax
+        big = jnp.ones(16 << 20)
+        # Compiled ahead, so the time below is the stalled send's alone (not the compile).
+        send = jax.jit(lambda x: dist.send(x, 1)).lower(big).compile()
         t = time.monotonic()
-        err = _error(lambda: dist.send(jnp.ones(16 << 20), 1))
+        err = _error(lambda: send(big).block_until_ready())
         took = time.monotonic() - t
         later = _error(lambda: dist.all_sum(jnp.float32(1)))
     else:
