@@ -99,23 +99,25 @@ T apply(T a, T b, ReduceOp op) {
 }
 
 template <typename T>
-void reduce_typed(void* acc, const void* in, size_t n, ReduceOp op) {
-  T* a = static_cast<T*>(acc);
-  const T* b = static_cast<const T*>(in);
+void reduce_typed(void* out, const void* in_a, const void* in_b, size_t n, ReduceOp op) {
+  T* o = static_cast<T*>(out);
+  const T* a = static_cast<const T*>(in_a);
+  const T* b = static_cast<const T*>(in_b);
   // One switch outside the loop keeps the inner loops vectorisable.
   switch (op) {
-    case ReduceOp::kSum: for (size_t i = 0; i < n; ++i) a[i] = apply(a[i], b[i], ReduceOp::kSum); break;
-    case ReduceOp::kProd: for (size_t i = 0; i < n; ++i) a[i] = apply(a[i], b[i], ReduceOp::kProd); break;
-    case ReduceOp::kMax: for (size_t i = 0; i < n; ++i) a[i] = apply(a[i], b[i], ReduceOp::kMax); break;
-    default: for (size_t i = 0; i < n; ++i) a[i] = apply(a[i], b[i], ReduceOp::kMin); break;
+    case ReduceOp::kSum: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kSum); break;
+    case ReduceOp::kProd: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kProd); break;
+    case ReduceOp::kMax: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kMax); break;
+    default: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kMin); break;
   }
 }
 
 template <float (*Widen)(uint16_t), uint16_t (*Narrow)(float)>
-void reduce_half(void* acc, const void* in, size_t n, ReduceOp op) {
-  uint16_t* a = static_cast<uint16_t*>(acc);
-  const uint16_t* b = static_cast<const uint16_t*>(in);
-  for (size_t i = 0; i < n; ++i) a[i] = Narrow(apply(Widen(a[i]), Widen(b[i]), op));
+void reduce_half(void* out, const void* in_a, const void* in_b, size_t n, ReduceOp op) {
+  uint16_t* o = static_cast<uint16_t*>(out);
+  const uint16_t* a = static_cast<const uint16_t*>(in_a);
+  const uint16_t* b = static_cast<const uint16_t*>(in_b);
+  for (size_t i = 0; i < n; ++i) o[i] = Narrow(apply(Widen(a[i]), Widen(b[i]), op));
 }
 
 }  // namespace
@@ -144,22 +146,22 @@ const char* reduce_name(ReduceOp op) {
 
 bool is_half(DType t) { return t == DType::kFloat16 || t == DType::kBFloat16; }
 
-void reduce_into(void* acc, const void* in, size_t n, DType t, ReduceOp op) {
+void reduce_to(void* out, const void* a, const void* b, size_t n, DType t, ReduceOp op) {
   switch (t) {
-    case DType::kBool: return reduce_typed<bool>(acc, in, n, op);
-    case DType::kInt8: return reduce_typed<int8_t>(acc, in, n, op);
-    case DType::kInt16: return reduce_typed<int16_t>(acc, in, n, op);
-    case DType::kInt32: return reduce_typed<int32_t>(acc, in, n, op);
-    case DType::kInt64: return reduce_typed<int64_t>(acc, in, n, op);
-    case DType::kUInt8: return reduce_typed<uint8_t>(acc, in, n, op);
-    case DType::kUInt16: return reduce_typed<uint16_t>(acc, in, n, op);
-    case DType::kUInt32: return reduce_typed<uint32_t>(acc, in, n, op);
-    case DType::kUInt64: return reduce_typed<uint64_t>(acc, in, n, op);
-    case DType::kFloat16: return reduce_half<half_to_float, float_to_half>(acc, in, n, op);
-    case DType::kBFloat16: return reduce_half<bf16_to_float, float_to_bf16>(acc, in, n, op);
-    case DType::kFloat32: return reduce_typed<float>(acc, in, n, op);
-    case DType::kFloat64: return reduce_typed<double>(acc, in, n, op);
-    case DType::kComplex64: return reduce_typed<std::complex<float>>(acc, in, n, op);
+    case DType::kBool: return reduce_typed<bool>(out, a, b, n, op);
+    case DType::kInt8: return reduce_typed<int8_t>(out, a, b, n, op);
+    case DType::kInt16: return reduce_typed<int16_t>(out, a, b, n, op);
+    case DType::kInt32: return reduce_typed<int32_t>(out, a, b, n, op);
+    case DType::kInt64: return reduce_typed<int64_t>(out, a, b, n, op);
+    case DType::kUInt8: return reduce_typed<uint8_t>(out, a, b, n, op);
+    case DType::kUInt16: return reduce_typed<uint16_t>(out, a, b, n, op);
+    case DType::kUInt32: return reduce_typed<uint32_t>(out, a, b, n, op);
+    case DType::kUInt64: return reduce_typed<uint64_t>(out, a, b, n, op);
+    case DType::kFloat16: return reduce_half<half_to_float, float_to_half>(out, a, b, n, op);
+    case DType::kBFloat16: return reduce_half<bf16_to_float, float_to_bf16>(out, a, b, n, op);
+    case DType::kFloat32: return reduce_typed<float>(out, a, b, n, op);
+    case DType::kFloat64: return reduce_typed<double>(out, a, b, n, op);
+    case DType::kComplex64: return reduce_typed<std::complex<float>>(out, a, b, n, op);
     default: fail("unknown dtype code ", int(t));
   }
 }

@@ -21,8 +21,13 @@ const char* dtype_name(DType t);
 const char* reduce_name(ReduceOp op);
 bool is_half(DType t);
 
-// acc[i] = op(acc[i], in[i]) for i < count. Max/min propagate NaN; bool sum/max is OR, min/prod AND.
-void reduce_into(void* acc, const void* in, size_t count, DType t, ReduceOp op);
+// out[i] = op(a[i], b[i]) for i < count; out may be a. Max/min propagate NaN (a's NaN first);
+// bool sum/max is OR, min/prod AND.
+void reduce_to(void* out, const void* a, const void* b, size_t count, DType t, ReduceOp op);
+// acc[i] = op(acc[i], in[i]).
+inline void reduce_into(void* acc, const void* in, size_t count, DType t, ReduceOp op) {
+  reduce_to(acc, acc, in, count, t, op);
+}
 
 // Widening and narrowing for float16/bfloat16 (round to nearest even).
 void to_float32(const void* in, float* out, size_t count, DType t);

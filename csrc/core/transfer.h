@@ -17,6 +17,11 @@ struct Segment {
   void* data;                    // source for sends, destination for receives
   size_t len;
   std::function<void()> on_done;  // receives only: runs when the segment has arrived (may throw)
+  // Receives only, on transports that can_combine(): fold the arriving bytes into data
+  // (combine(dst, src, len), len a multiple of grain) instead of copying them, reading
+  // straight from the transport's own buffer.
+  std::function<void(char* dst, const char* src, size_t len)> combine = nullptr;
+  size_t grain = 1;
 };
 
 // A byte stream to or from one peer on one of its links. Transfers on the same (peer, link,
@@ -48,6 +53,8 @@ class Links {
  public:
   virtual ~Links() = default;
   virtual int links_per_peer() const = 0;
+  // Whether run() honours Segment::combine (the data sits in memory both sides can read).
+  virtual bool can_combine() const { return false; }
   // Progress all transfers concurrently until done; throws DistError on a closed connection,
   // an error from a segment callback, or the deadline.
   virtual void run(std::vector<Transfer>& transfers, Deadline deadline) = 0;

@@ -82,16 +82,19 @@ Layout Layout::blocks_of(size_t block_count, int nblocks) {
 }
 
 // Direction d sends to rank + sign and receives from rank - sign. At step s it passes on the
-// partial sum of block rank - sign*(s+1) and folds in block rank - sign*(s+2), so after
-// size-1 steps this rank holds the full reduction of its own block.
-void reduce_scatter(Context& ctx, char* work, DType wire, ReduceOp op, const Layout& layout,
-                    std::vector<char>& scratch) {
+// partial sum of block rank - sign*(s+1) (from in at the first step, from out later) and
+// folds block rank - sign*(s+2) of in into the partial sum it receives, writing out; after
+// size-1 steps out holds the full reduction of this rank's own block. Where the transport
+// can combine, the fold reads its buffer directly; otherwise chunks land in scratch first.
+void reduce_scatter(Context& ctx, const char* in, char* out, DType wire, ReduceOp op,
+                    const Layout& layout, std::vector<char>& scratch) {
   const int n = ctx.size, r = ctx.rank;
   const size_t es = dtype_size(wire), chunk = frame_bytes(ctx, es);
+  const bool direct = ctx.links.can_combine();
   size_t region = 0;
   for (int d = 0; d < 2; ++d)
     for (size_t c : layout.cnt[d]) region = std::max(region, c * es);
-  if (scratch.size() < 2 * region) scratch.resize(2 * region);
+  if (!direct && scratch.size() < 2 * region) scratch.resize(2 * region);
   Header hdr[2];
   std::vector<Transfer> ts;
   for (int s = 0; s + 1 < n; ++s) {
@@ -99,11 +102,27 @@ void reduce_scatter(Context& ctx, char* work, DType wire, ReduceOp op, const Lay
     for (int d = 0; d < 2; ++d) {
       const int sign = d == 0 ? 1 : -1;
       const int sb = mod(r - sign * (s + 1), n), rb = mod(r - sign * (s + 2), n);
-      add_send(ts, ctx, mod(r + sign, n), d, work + layout.off[d][sb] * es, layout.cnt[d][sb] * es, chunk);
-      char* region_start = scratch.data() + d * region;
-      char* acc = work + layout.off[d][rb] * es;
-      add_recv(ts, ctx, mod(r - sign, n), d, region_start, layout.cnt[d][rb] * es, chunk, &hdr[d],
-               [=](char* p, size_t len) { reduce_into(acc + (p - region_start), p, len / es, wire, op); });
+      add_send(ts, ctx, mod(r + sign, n), d, (s == 0 ? in : out) + layout.off[d][sb] * es,
+               layout.cnt[d][sb] * es, chunk);
+      const size_t at = layout.off[d][rb] * es, bytes = layout.cnt[d][rb] * es;
+      char* dst = out + at;
+      const char* own = in + at;
+      if (direct) {
+        add_recv(ts, ctx, mod(r - sign, n), d, dst, bytes, chunk, &hdr[d], nullptr);
+        for (auto& seg : ts.back().segments) {
+          if (seg.data == &hdr[d]) continue;
+          seg.grain = es;
+          seg.combine = [=](char* p, const char* src, size_t len) {
+            reduce_to(p, own + (p - dst), src, len / es, wire, op);
+          };
+        }
+      } else {
+        char* landing = scratch.data() + d * region;
+        add_recv(ts, ctx, mod(r - sign, n), d, landing, bytes, chunk, &hdr[d],
+                 [=](char* p, size_t len) {
+                   reduce_to(dst + (p - landing), own + (p - landing), p, len / es, wire, op);
+                 });
+      }
     }
     run_step(ctx, ts);
   }

@@ -32,10 +32,11 @@ struct Layout {
   static Layout blocks_of(size_t block_count, int nblocks);
 };
 
-// Afterwards this rank's block (both halves) of work holds the reduction over all ranks.
-// scratch is resized as needed. wire is the dtype of work (float32 for widened halves).
-void reduce_scatter(Context& ctx, char* work, DType wire, ReduceOp op, const Layout& layout,
-                    std::vector<char>& scratch);
+// Afterwards this rank's block (both halves) of out holds the reduction of in over all ranks;
+// other blocks of out hold partial sums (in and out may be one buffer). scratch is resized as
+// needed. wire is the dtype of in and out (float32 for widened halves).
+void reduce_scatter(Context& ctx, const char* in, char* out, DType wire, ReduceOp op,
+                    const Layout& layout, std::vector<char>& scratch);
 // buf holds this rank's block; afterwards it holds every rank's block.
 void all_gather(Context& ctx, char* buf, size_t esize, const Layout& layout);
 // Point-to-point, framed like the collectives. Send is eager: it completes once written.

@@ -105,8 +105,8 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
       }
       from_float32(acc.data(), out, count, t);
     } else {
-      std::memcpy(out, work_.data(), bytes);
-      for (int i = 1; i < n; ++i) reduce_into(out, work_.data() + i * bytes, count, t, op);
+      reduce_to(out, work_.data(), work_.data() + bytes, count, t, op);
+      for (int i = 2; i < n; ++i) reduce_into(out, work_.data() + i * bytes, count, t, op);
     }
     return;
   }
@@ -116,14 +116,15 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
     work_.resize(count * sizeof(float));
     float* w = reinterpret_cast<float*>(work_.data());
     to_float32(in, w, count, t);
-    ring::reduce_scatter(ctx, work_.data(), DType::kFloat32, op, layout, scratch_);
+    ring::reduce_scatter(ctx, work_.data(), work_.data(), DType::kFloat32, op, layout, scratch_);
     for (int d = 0; d < 2; ++d) {
       size_t off = layout.off[d][rank_];
       from_float32(w + off, static_cast<char*>(out) + off * es, layout.cnt[d][rank_], t);
     }
   } else {
-    if (out != in) std::memcpy(out, in, bytes);  // XLA aliases them when it can
-    ring::reduce_scatter(ctx, static_cast<char*>(out), t, op, layout, scratch_);
+    if (out != in) prefault(out, bytes);  // XLA aliases them when the input is donated
+    ring::reduce_scatter(ctx, static_cast<const char*>(in), static_cast<char*>(out), t, op, layout,
+                         scratch_);
   }
   ring::all_gather(ctx, static_cast<char*>(out), es, layout);
 }
@@ -144,11 +145,12 @@ void RingGroup::reduce_scatter(const void* in, void* out, size_t count, DType t,
   const DType wire = widen ? DType::kFloat32 : t;
   const size_t wes = dtype_size(wire);
   work_.resize(total * wes);
-  if (widen)
+  const char* src = static_cast<const char*>(in);
+  if (widen) {
     to_float32(in, reinterpret_cast<float*>(work_.data()), total, t);
-  else
-    std::memcpy(work_.data(), in, total * es);
-  ring::reduce_scatter(ctx, work_.data(), wire, op, Layout::blocks_of(count, size()), scratch_);
+    src = work_.data();
+  }
+  ring::reduce_scatter(ctx, src, work_.data(), wire, op, Layout::blocks_of(count, size()), scratch_);
   const char* mine = work_.data() + rank_ * count * wes;
   if (widen)
     from_float32(reinterpret_cast<const float*>(mine), out, count, t);

@@ -27,6 +27,10 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ti
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, timeout, nullptr, 0);
 }
 
+// Every segment starts 8-aligned in the ring (both sides skip the same padding), so elements
+// of up to 8 bytes never straddle the ring's end and can be combined in place.
+inline uint64_t aligned(uint64_t pos) { return (pos + 7) & ~uint64_t(7); }
+
 inline void cpu_relax() {
 #if defined(__x86_64__)
   __builtin_ia32_pause();
@@ -106,7 +110,9 @@ ShmLinks::ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me,
                    std::vector<std::unique_ptr<Segment>> segments, int links, size_t ring_bytes,
                    double timeout_s)
     : tcp_(std::move(tcp)), me_(me), n_(int(segments.size())), segments_(std::move(segments)),
-      links_(links), ring_bytes_(ring_bytes), timeout_s_(timeout_s) {}
+      links_(links), ring_bytes_(ring_bytes), timeout_s_(timeout_s) {
+  if (ring_bytes_ % 8 != 0) fail("internal: shared ring size ", ring_bytes_, " is not a multiple of 8");
+}
 
 ShmLinks::Mailbox* ShmLinks::mailbox(int owner) const {
   return reinterpret_cast<Mailbox*>(segments_[owner]->base());
@@ -159,8 +165,11 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         char* data = reinterpret_cast<char*>(r) + sizeof(RingHeader);
         uint64_t head = r->head.load(std::memory_order_acquire);
         uint64_t tail = r->tail.load(std::memory_order_acquire);
-        size_t n = is_recv ? std::min<uint64_t>(want, head - tail)
-                           : std::min<uint64_t>(want, ring_bytes_ - (head - tail));
+        if (c.off == 0) (is_recv ? tail : head) = aligned(is_recv ? tail : head);
+        const uint64_t used = head > tail ? head - tail : 0;  // head < tail: padding not yet written
+        size_t n = is_recv ? std::min<uint64_t>(want, used)
+                           : std::min<uint64_t>(want, ring_bytes_ - std::min<uint64_t>(used, ring_bytes_));
+        if (is_recv && s.combine) n -= n % s.grain;
         if (n == 0) {
           pending = true;
           waiting_on.push_back(peer);
@@ -171,8 +180,13 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         uint64_t pos = (is_recv ? tail : head) % ring_bytes_;
         size_t first = std::min<size_t>(n, ring_bytes_ - pos);
         if (is_recv) {
-          std::memcpy(p, data + pos, first);
-          std::memcpy(p + first, data, n - first);
+          if (s.combine) {
+            s.combine(p, data + pos, first);
+            if (n > first) s.combine(p + first, data, n - first);
+          } else {
+            std::memcpy(p, data + pos, first);
+            std::memcpy(p + first, data, n - first);
+          }
           r->tail.store(tail + n, std::memory_order_release);
           ring_bell(peer);  // the sender may be waiting for space
         } else {

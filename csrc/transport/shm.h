@@ -45,6 +45,7 @@ class ShmLinks : public Links {
   ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, std::vector<std::unique_ptr<Segment>> segments,
            int links, size_t ring_bytes, double timeout_s);
   int links_per_peer() const override { return links_; }
+  bool can_combine() const override { return true; }
   void run(std::vector<Transfer>& transfers, Deadline deadline) override;
   std::string describe_peer(int peer) const override { return tcp_->describe_peer(peer); }
   void close() override;
