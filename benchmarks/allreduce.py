@@ -3,10 +3,13 @@
     python benchmarks/allreduce.py            # n = 2 and 4, 4 B .. 64 MiB
     python benchmarks/allreduce.py -n 2 --sizes 4 65536
 
-Per size: one jitted call per iteration, iterations chained through their results, median of
-several batches, slowest rank. Bus bandwidth: all_sum 2(n-1)/n x bytes / time, all_gather
-(n-1)/n x output bytes / time. The last line times 1,000 dependent 4-byte all_sums inside one
-jitted fori_loop (dispatch paid once).
+Per size: one jitted call per iteration, median of several batches, slowest rank. all_sum runs
+in place (input donated, iterations chained through their results, as in a training loop) and
+into a fresh output; all_gather into a fresh output, beside XLA alone writing an output of the
+same size (a jitted concatenate): on CPU, large fresh outputs cost as much as the data movement
+itself. Bus bandwidth: all_sum 2(n-1)/n x bytes / time, all_gather (n-1)/n x output bytes / time.
+The last line times 1,000 dependent 4-byte all_sums inside one jitted fori_loop (dispatch paid
+once).
 """
 
 from __future__ import annotations
@@ -31,32 +34,37 @@ def measure(sizes: list[int], batches: int) -> dict:
     import jax_mlxdist as dist
 
     g = dist.init()
+
+    def timed(step, x, iters, chain):
+        for _ in range(2):  # compile and warm up
+            y = step(x).block_until_ready()
+            x = y if chain else x
+        times = []
+        for _ in range(batches):
+            dist.barrier()
+            t = time.perf_counter()
+            y = x
+            for _ in range(iters):
+                y = step(y if chain else x)
+            y.block_until_ready()
+            times.append((time.perf_counter() - t) / iters)
+            if chain:
+                x = y
+        return statistics.median(times)
+
+    steps = {
+        "all_sum": (jax.jit(dist.all_sum, donate_argnums=0), True),
+        "all_sum fresh": (jax.jit(dist.all_sum), False),
+        "all_gather": (jax.jit(dist.all_gather), False),
+        "xla concatenate": (jax.jit(lambda x: jnp.concatenate([x] * g.size())), False),
+    }
     out = {}
-    for op_name in ("all_sum", "all_gather"):
-        op = getattr(dist, op_name)
-        # all_gather's output is n times larger: feed back one block to keep shapes fixed.
-        step = jax.jit(lambda x: op(x) if op_name == "all_sum" else op(x)[: x.shape[0]])
-        for nbytes in sizes:
+    for nbytes in sizes:
+        for name, (step, chain) in steps.items():
             x = jnp.zeros((max(1, nbytes // 4),), jnp.float32)
-            x = step(x).block_until_ready()  # compile and warm up
-            iters, times = _iterations(nbytes), []
-            for _ in range(batches):
-                dist.barrier()
-                t = time.perf_counter()
-                for _ in range(iters):
-                    x = step(x)
-                x.block_until_ready()
-                times.append((time.perf_counter() - t) / iters)
-            out[op_name, nbytes] = statistics.median(times)
+            out[name, nbytes] = timed(step, x, _iterations(nbytes), chain)
     loop = jax.jit(lambda x: lax.fori_loop(0, 1000, lambda i, c: dist.all_sum(c), x))
-    x = loop(jnp.zeros((1,), jnp.float32)).block_until_ready()
-    times = []
-    for _ in range(batches):
-        dist.barrier()
-        t = time.perf_counter()
-        loop(x).block_until_ready()
-        times.append((time.perf_counter() - t) / 1000)
-    out["loop"] = statistics.median(times)
+    out["loop"] = timed(loop, jnp.zeros((1,), jnp.float32), 1, False) / 1000
     return out
 
 
@@ -85,14 +93,17 @@ def main() -> None:
                                  env={"MLXDIST_TRANSPORT": transport})
             worst = {k: max(r[k] for r in per_rank) for k in per_rank[0]}
             print(f"\nring backend over {transport}, n = {n} (slowest rank, median of {args.batches} batches)")
-            print(f"| size | all_sum time | all_sum bus GB/s | all_gather time | all_gather bus GB/s |")
+            print("| size | all_sum in place | all_sum, fresh output | all_gather | "
+                  "XLA alone writing all_gather's output |")
             print("| --- | --- | --- | --- | --- |")
             for b in args.sizes:
-                b = max(4, b // 4 * 4)
-                ts, tg = worst["all_sum", b], worst["all_gather", b]
-                bus_s = 2 * (n - 1) / n * b / ts / 1e9
-                bus_g = (n - 1) / n * (n * b) / tg / 1e9
-                print(f"| {_fmt_size(b)} | {_fmt_time(ts)} | {bus_s:.3f} | {_fmt_time(tg)} | {bus_g:.3f} |")
+                row = [_fmt_size(b)]
+                for name in ("all_sum", "all_sum fresh", "all_gather", "xla concatenate"):
+                    t = worst[name, b]
+                    moved = 2 * (n - 1) / n * b if name.startswith("all_sum") else (n - 1) * b
+                    rate = f" ({moved / t / 1e9:.2f} GB/s)" if b >= 64 << 10 else ""
+                    row.append(_fmt_time(t) + rate)
+                print("| " + " | ".join(row) + " |")
             print(f"4 B all_sum inside one jitted fori_loop of 1,000: {_fmt_time(worst['loop'])} per op")
 
 
