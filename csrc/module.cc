@@ -16,6 +16,8 @@
 #include "transport/rendezvous.h"
 #include "ffi/handlers.h"
 #include "ring/ring_group.h"
+#include "jaccl/jaccl_group.h"
+#include "transport/ibverbs.h"
 
 namespace nb = nanobind;
 using namespace mlxdist;
@@ -56,6 +58,37 @@ NB_MODULE(_C, m) {
       },
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
       nb::arg("token") = "", nb::arg("transport") = "auto", nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
+
+  m.def(
+      "init_jaccl",
+      [](int rank, const std::vector<std::vector<std::string>>& hostfile,
+         const std::vector<int>& listen_fds, double timeout, const std::string& token,
+         bool verbose, const std::string& transport, const std::vector<std::string>& devices,
+         const std::string& ibverbs_lib) {
+        if (!(timeout > 0) || !std::isfinite(timeout))
+          fail("init: the timeout must be a positive number of seconds, got ", timeout);
+        ring::Options ring_opts;
+        ring_opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
+        ring_opts.token = token;
+        ring_opts.verbose = verbose;
+        jaccl::Options opts;
+        opts.transport = transport;
+        opts.devices = devices;
+        if (!ibverbs_lib.empty()) opts.ibverbs_lib = ibverbs_lib;
+        std::shared_ptr<Group> g;
+        {
+          nb::gil_scoped_release release;
+          g = jaccl::make_world(rank, hostfile, listen_fds, ring_opts, opts);
+        }
+        return add_group(std::move(g));
+      },
+      nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
+      nb::arg("token") = "", nb::arg("verbose") = false, nb::arg("transport") = "auto",
+      nb::arg("devices") = std::vector<std::string>(), nb::arg("ibverbs_lib") = "",
+      "Connect this rank's JACCL group (control over TCP, data over queue pairs).");
+  m.def("ibverbs_available", [](const std::string& lib) {
+    return ibverbs::available(lib.empty() ? "libibverbs.so.1" : lib);
+  });
 
   m.def(
       "rendezvous",

@@ -20,6 +20,7 @@ from jax_mlxdist._errors import DistributedError
 DEFAULT_TIMEOUT = 300.0
 MAX_TIMEOUT = 1e7  # longer (or inf) means no timeout in practice; keeps deadlines finite
 TRANSPORTS = ("auto", "tcp", "shm")
+JACCL_TRANSPORTS = ("auto", "shm", "ibverbs")
 
 # (rank variable, size variable, who sets them), in the order they are looked for.
 WORLD_VARIABLES = (
@@ -123,6 +124,27 @@ def transport() -> str:
     return value
 
 
+def jaccl_transport() -> str:
+    """MLXDIST_JACCL_TRANSPORT: auto (shared memory when every rank is on this host, else
+    ibverbs), shm or ibverbs."""
+    value = os.environ.get("MLXDIST_JACCL_TRANSPORT", "auto") or "auto"
+    if value not in JACCL_TRANSPORTS:
+        raise DistributedError(
+            f"MLXDIST_JACCL_TRANSPORT={value!r}: expected one of {JACCL_TRANSPORTS}")
+    return value
+
+
+def ibverbs_library() -> str:
+    """MLXDIST_IBV_LIB: the libibverbs to load (default: libibverbs.so.1)."""
+    return os.environ.get("MLXDIST_IBV_LIB", "")
+
+
+def default_backend() -> str:
+    """MLXDIST_BACKEND: what init(backend="any") means in this process (set by launchers and
+    test harnesses to run unchanged programs on another backend)."""
+    return os.environ.get("MLXDIST_BACKEND", "") or "any"
+
+
 @dataclass
 class Coordinator:
     """Start-up without a hostfile: rank 0 listens at `address` and hands out the ring."""
@@ -166,6 +188,41 @@ def coordinator_config() -> Coordinator | None:
         f"init: rank {rank} of {size} (from {source} variables) but no coordinator: set "
         "MLXDIST_COORDINATOR=host:port, an address of rank 0's host that every rank can "
         "reach (rank 0 listens there)")
+
+
+def jaccl_config() -> tuple[Coordinator, list[str]] | None:
+    """MLX's JACCL variables, if set: MLX_RANK, MLX_JACCL_COORDINATOR (rank 0's address, where
+    the others meet it) and MLX_IBV_DEVICES (a JSON file: for each rank, the RDMA device that
+    reaches each other rank, null for itself). Returns the meeting and this rank's row."""
+    path = os.environ.get("MLX_IBV_DEVICES", "")
+    address = os.environ.get("MLX_JACCL_COORDINATOR", "").strip()
+    if not path and not address:
+        return None
+    if not (path and address):
+        missing = "MLX_JACCL_COORDINATOR" if path else "MLX_IBV_DEVICES"
+        raise DistributedError(f"init(backend='jaccl'): {missing} is not set (JACCL needs "
+                               "MLX_RANK, MLX_IBV_DEVICES and MLX_JACCL_COORDINATOR)")
+    try:
+        with open(path) as f:
+            matrix = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DistributedError(f"MLX_IBV_DEVICES={path!r}: {e}") from None
+    n = len(matrix) if isinstance(matrix, list) else 0
+    if n == 0 or any(not isinstance(row, list) or len(row) != n or
+                     any(d is not None and not isinstance(d, str) for d in row) for row in matrix):
+        raise DistributedError(f"MLX_IBV_DEVICES={path!r}: expected a square JSON list of lists "
+                               "of device names (null on the diagonal)")
+    raw = os.environ.get("MLX_RANK", "")
+    try:
+        rank = int(raw)
+    except ValueError:
+        raise DistributedError(f"MLX_RANK={raw!r} is not a rank") from None
+    if not 0 <= rank < n:
+        raise DistributedError(f"MLX_RANK={rank} but MLX_IBV_DEVICES lists {n} ranks")
+    _check_coordinator(address)
+    fds = _listen_fds(1) if rank == 0 else []
+    return (Coordinator(rank, n, address, "JACCL", fds[0] if fds else -1),
+            [d or "" for d in matrix[rank]])
 
 
 def _world_from_env() -> tuple[int, int, str] | None:

@@ -15,8 +15,9 @@ import weakref
 import jax
 
 from jax_mlxdist import _C
-from jax_mlxdist._config import (coordinator_config, mpi_launched, mpi_library, ring_config,
-                                 timeout, transport)
+from jax_mlxdist._config import (coordinator_config, default_backend, ibverbs_library,
+                                 jaccl_config, jaccl_transport, mpi_launched, mpi_library,
+                                 ring_config, timeout, transport)
 from jax_mlxdist._errors import DistributedError
 
 BACKENDS = ("any", "ring", "mpi", "jaccl", "nccl")
@@ -137,7 +138,7 @@ def is_available(backend: str = "any") -> bool:
     _check_backend(backend)
     if backend == "mpi":
         return _C.mpi_available(mpi_library())[0]
-    return backend in ("any", "ring")
+    return backend in ("any", "ring", "jaccl")  # jaccl: shared memory needs nothing else
 
 
 def init(strict: bool = False, backend: str = "any") -> Group:
@@ -148,6 +149,13 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     global _world
     _check_backend(backend)
     if _world is not None:
+        return _world
+    if backend == "any":
+        backend = default_backend()
+        _check_backend(backend)
+    if backend == "jaccl":
+        _world = _join_jaccl(strict)
+        _tell_launcher()
         return _world
     if backend == "mpi" or (backend == "any" and _mpi_by_default()):
         _world = _join_mpi(strict)
@@ -167,12 +175,29 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     return _world
 
 
-def _connect(config, meet) -> Group:
+def _join_jaccl(strict: bool) -> Group:
+    """JACCL from MLX's variables, or over shared memory from the ring's configuration."""
+    jaccl = jaccl_config()
+    meet, devices = jaccl if jaccl else (None, [])
+    config = ring_config() if meet is None else None
+    if config is None and meet is None:
+        meet = coordinator_config()
+    if config is None and meet is None:
+        if strict:
+            raise DistributedError(
+                "init(strict=True, backend='jaccl'): no configuration found; set MLX_RANK, "
+                "MLX_IBV_DEVICES and MLX_JACCL_COORDINATOR (as for MLX), or the ring's "
+                "MLX_RANK and MLX_HOSTFILE for ranks on one host")
+        return Group(None, 0, 1, "jaccl")
+    return _connect(config, meet, "jaccl", devices)
+
+
+def _connect(config, meet, backend: str = "ring", devices: list[str] | None = None) -> Group:
     size = len(config[1]) if config else meet.size
     if size == 1:
         if meet:
             meet.done()
-        return Group(None, 0, 1, "ring")
+        return Group(None, 0, 1, backend)
     verbose = os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
     token = os.environ.get("MLXDIST_TOKEN", "")
     rank = config[0] if config else meet.rank
@@ -189,10 +214,14 @@ def _connect(config, meet) -> Group:
             finally:
                 meet.done()
             hosts, fds = [[a] for a in table], []
-        handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
+        if backend == "jaccl":
+            handle = _call(_C.init_jaccl, rank, hosts, fds, timeout(), token, verbose,
+                           jaccl_transport(), devices or [], ibverbs_library())
+        else:
+            handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
     except DistributedError as e:  # say which step failed: connecting, not a collective
         raise DistributedError(f"init (rank {rank} of {size}): {e}") from None
-    return Group(handle, rank, size, "ring")
+    return Group(handle, rank, size, backend)
 
 
 def _mpi_by_default() -> bool:

@@ -58,17 +58,20 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
               connections_per_rank: int = 1, backend: str | None = None) -> list[Any]:
     """fn(*args, **kwargs) on n ranks; returns the per-rank results in rank order.
 
-    backend: "ring" (default; ranks configured by a hostfile) or "mpi" (the ranks started by
-    Open MPI's mpirun, init() picking the MPI backend); MLXDIST_TEST_BACKEND sets the default.
+    backend: "ring" (default; ranks configured by a hostfile), "jaccl" (the same hostfile,
+    init() picking JACCL over shared memory) or "mpi" (the ranks started by Open MPI's mpirun,
+    init() picking the MPI backend); MLXDIST_TEST_BACKEND sets the default.
     """
     backend = backend or os.environ.get("MLXDIST_TEST_BACKEND", "") or "ring"
-    if backend not in ("ring", "mpi"):
-        raise ValueError(f"run_ranks: backend must be 'ring' or 'mpi', got {backend!r}")
+    if backend not in ("ring", "jaccl", "mpi"):
+        raise ValueError(f"run_ranks: backend must be 'ring', 'jaccl' or 'mpi', got {backend!r}")
     for f in (fn, *args):  # functions passed along (a test body, say) travel by value too
         if callable(f):
             _by_value(f)
     base_env = dict(os.environ)
     base_env.setdefault("JAX_PLATFORMS", "cpu")
+    if backend == "jaccl":
+        base_env["MLXDIST_BACKEND"] = "jaccl"
     base_env.update(env or {})
     with tempfile.TemporaryDirectory(prefix="mlxdist-ranks-") as tmp:
         payload = os.path.join(tmp, "payload.pkl")

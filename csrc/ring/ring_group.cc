@@ -210,6 +210,31 @@ std::shared_ptr<Group> RingGroup::split(int color, int key) {
   return std::make_shared<RingGroup>(new_id, new_rank, std::move(world), book_, opts_);
 }
 
+std::vector<std::string> RingGroup::exchange(const std::string& mine) {
+  const int n = size();
+  std::vector<uint64_t> lens(n, 0);
+  lens[rank_] = mine.size();
+  {
+    Context ctx(*this, header(OpCode::kSetup, DType::kUInt64, ReduceOp::kSum, 8, 3, seq_++));
+    ring::all_gather(ctx, reinterpret_cast<char*>(lens.data()), 8, Layout::blocks_of(1, n));
+  }
+  const size_t width = *std::max_element(lens.begin(), lens.end());
+  std::vector<char> all(n * width, 0);
+  std::memcpy(all.data() + rank_ * width, mine.data(), mine.size());
+  {
+    Context ctx(*this, header(OpCode::kSetup, DType::kUInt8, ReduceOp::kSum, width, 4, seq_++));
+    ring::all_gather(ctx, all.data(), 1, Layout::blocks_of(width, n));
+  }
+  std::vector<std::string> out;
+  for (int i = 0; i < n; ++i) out.emplace_back(all.data() + i * width, lens[i]);
+  return out;
+}
+
+std::string RingGroup::lost_peers(const std::vector<int>& which) const {
+  auto* tcp = dynamic_cast<tcp::TcpLinks*>(links_.get());
+  return tcp ? tcp->lost_peers(which) : std::string();
+}
+
 void RingGroup::try_shared_memory() {
   const int n = size(), k = links_->links_per_peer();
   std::unique_ptr<shm::Segment> own;

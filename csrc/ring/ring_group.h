@@ -56,6 +56,13 @@ class RingGroup : public Group {
   void abort() override;
   void close() override;
 
+  // For groups that run their data elsewhere and use this one as their control channel:
+  // one blob from every member (collective), peers whose connections closed, peer names.
+  std::vector<std::string> exchange(const std::string& mine);
+  std::string lost_peers(const std::vector<int>& which) const;
+  std::string describe_peer(int peer) const { return links_->describe_peer(peer); }
+  const Options& options() const { return opts_; }
+
  private:
   struct Context;
   Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq);

@@ -19,9 +19,7 @@
 namespace mlxdist::shm {
 namespace {
 
-constexpr size_t kAlign = 128;                            // keeps hot counters on their own lines
-constexpr auto kSpin = std::chrono::microseconds(30);     // then sleep: never starve JAX's threads
-constexpr auto kNap = std::chrono::milliseconds(20);      // longest sleep between liveness checks
+constexpr size_t kAlign = 128;  // keeps hot counters on their own lines
 
 long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* timeout) {
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, timeout, nullptr, 0);
@@ -31,19 +29,23 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ti
 // of up to 8 bytes never straddle the ring's end and can be combined in place.
 inline uint64_t aligned(uint64_t pos) { return (pos + 7) & ~uint64_t(7); }
 
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  __builtin_ia32_pause();
-#endif
-}
-
 }  // namespace
 
+void Doorbell::ring() {
+  count.fetch_add(1, std::memory_order_acq_rel);
+  if (sleepers.load(std::memory_order_acquire) > 0) futex(&count, FUTEX_WAKE, INT32_MAX, nullptr);
+}
+
+void Doorbell::wait(uint32_t seen, Clock::duration nap) {
+  timespec ts{time_t(nap / std::chrono::seconds(1)),
+              long((nap % std::chrono::seconds(1)) / std::chrono::nanoseconds(1))};
+  sleepers.fetch_add(1, std::memory_order_acq_rel);
+  futex(&count, FUTEX_WAIT, seen, &ts);
+  sleepers.fetch_sub(1, std::memory_order_acq_rel);
+}
+
 // Shared layout, identical in every process of the group.
-struct ShmLinks::Mailbox {
-  alignas(kAlign) std::atomic<uint32_t> doorbell;  // bumped after data or space appears for us
-  alignas(kAlign) std::atomic<uint32_t> sleepers;  // >0 while the owner sleeps on the doorbell
-};
+static_assert(sizeof(Doorbell) == 2 * kAlign, "the doorbell heads every segment");
 struct ShmLinks::RingHeader {
   alignas(kAlign) std::atomic<uint64_t> head;  // bytes ever written (producer only)
   alignas(kAlign) std::atomic<uint64_t> tail;  // bytes ever read (consumer only)
@@ -64,13 +66,21 @@ size_t Segment::bytes_for(int peers, int links, size_t ring_bytes) {
 }
 
 std::unique_ptr<Segment> Segment::create(int peers, int links, size_t ring_bytes) {
+  return create_bytes(bytes_for(peers, links, ring_bytes));
+}
+
+std::unique_ptr<Segment> Segment::open(const std::string& name, int peers, int links,
+                                       size_t ring_bytes) {
+  return open_bytes(name, bytes_for(peers, links, ring_bytes));
+}
+
+std::unique_ptr<Segment> Segment::create_bytes(size_t bytes) {
   auto nonce = auth::random_nonce();
   char name[64];
   snprintf(name, sizeof(name), "/mlxdist-%d-%02x%02x%02x%02x%02x%02x", int(getpid()), nonce[0],
            nonce[1], nonce[2], nonce[3], nonce[4], nonce[5]);
   int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0) fail("shm_open(", name, "): ", std::strerror(errno));
-  size_t bytes = bytes_for(peers, links, ring_bytes);
   // Reserve the memory now: a full /dev/shm must fail here, not as SIGBUS on first touch.
   int rc = posix_fallocate(fd, 0, off_t(bytes));
   void* p = rc == 0 ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
@@ -82,11 +92,9 @@ std::unique_ptr<Segment> Segment::create(int peers, int links, size_t ring_bytes
   return std::unique_ptr<Segment>(new Segment(name, static_cast<char*>(p), bytes, true));
 }
 
-std::unique_ptr<Segment> Segment::open(const std::string& name, int peers, int links,
-                                       size_t ring_bytes) {
+std::unique_ptr<Segment> Segment::open_bytes(const std::string& name, size_t bytes) {
   int fd = shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0) fail("shm_open(", name, "): ", std::strerror(errno));
-  size_t bytes = bytes_for(peers, links, ring_bytes);
   struct stat st {};
   void* p = (fstat(fd, &st) == 0 && size_t(st.st_size) == bytes)
                 ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
@@ -114,20 +122,14 @@ ShmLinks::ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me,
   if (ring_bytes_ % 8 != 0) fail("internal: shared ring size ", ring_bytes_, " is not a multiple of 8");
 }
 
-ShmLinks::Mailbox* ShmLinks::mailbox(int owner) const {
-  return reinterpret_cast<Mailbox*>(segments_[owner]->base());
+Doorbell* ShmLinks::mailbox(int owner) const {
+  return reinterpret_cast<Doorbell*>(segments_[owner]->base());
 }
 
 ShmLinks::RingHeader* ShmLinks::ring(int owner, int from, int link) const {
   size_t slot = size_t(from) * links_ + size_t(link);
   char* p = segments_[owner]->base() + kAlign * 2 + slot * (sizeof(RingHeader) + ring_bytes_);
   return reinterpret_cast<RingHeader*>(p);
-}
-
-void ShmLinks::ring_bell(int owner) const {
-  Mailbox* m = mailbox(owner);
-  m->doorbell.fetch_add(1, std::memory_order_acq_rel);
-  if (m->sleepers.load(std::memory_order_acquire) > 0) futex(&m->doorbell, FUTEX_WAKE, INT32_MAX, nullptr);
 }
 
 void ShmLinks::close() {
@@ -143,11 +145,11 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     queues[{!t.is_send, t.peer, t.link % links_}].push_back(Cursor{&t});
   }
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
-  Mailbox* mine = mailbox(me_);
+  Doorbell* mine = mailbox(me_);
   auto idle_since = Clock::now();
   bool rechecked = false;  // looked at the rings again after seeing a peer gone
   for (;;) {
-    const uint32_t bell = mine->doorbell.load(std::memory_order_acquire);
+    const uint32_t bell = mine->seen();
     bool progressed = false, pending = false;
     std::string waiting;  // for the timeout message
     std::vector<int> waiting_on;
@@ -188,12 +190,12 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
             std::memcpy(p + first, data, n - first);
           }
           r->tail.store(tail + n, std::memory_order_release);
-          ring_bell(peer);  // the sender may be waiting for space
+          mailbox(peer)->ring();  // the sender may be waiting for space
         } else {
           std::memcpy(data + pos, p, first);
           std::memcpy(data, p + first, n - first);
           r->head.store(head + n, std::memory_order_release);
-          ring_bell(peer);  // the receiver may be waiting for data
+          mailbox(peer)->ring();  // the receiver may be waiting for data
         }
         c.off += n;
         progressed = true;
@@ -223,12 +225,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
       fail(lost, " closed the connection");
     }
     if (now >= deadline) fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) ", waiting);
-    auto nap = std::min<Clock::duration>(kNap, deadline - now);
-    timespec ts{time_t(nap / std::chrono::seconds(1)),
-                long((nap % std::chrono::seconds(1)) / std::chrono::nanoseconds(1))};
-    mine->sleepers.fetch_add(1, std::memory_order_acq_rel);
-    futex(&mine->doorbell, FUTEX_WAIT, bell, &ts);
-    mine->sleepers.fetch_sub(1, std::memory_order_acq_rel);
+    mine->wait(bell, std::min<Clock::duration>(kNap, deadline - now));
   }
 }
 

@@ -4,6 +4,8 @@
 // connections stay open beside it: they carry the set-up and reveal a peer that died.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,6 +17,27 @@ namespace mlxdist::shm {
 
 // "boot id/hostname": ranks with equal identities share a kernel, hence /dev/shm.
 std::string host_identity();
+
+// How waiting ranks behave: spin this long, then sleep on their doorbell, waking at least this
+// often to check that peers are alive. Spinning briefly never starves JAX's threads.
+constexpr auto kSpin = std::chrono::microseconds(30);
+constexpr auto kNap = std::chrono::milliseconds(20);
+
+// A futex doorbell in shared memory: peers ring it after data or space appears for its owner.
+struct Doorbell {
+  alignas(128) std::atomic<uint32_t> count;
+  alignas(128) std::atomic<uint32_t> sleepers;  // >0 while the owner sleeps on count
+  uint32_t seen() const { return count.load(std::memory_order_acquire); }
+  void ring();
+  // Sleeps until rung after `seen` was read, or for at most nap.
+  void wait(uint32_t seen, Clock::duration nap);
+};
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
 
 // One rank's segment: created (and later unlinked) by its owner, opened by its peers.
 class Segment {
@@ -28,6 +51,9 @@ class Segment {
   void unlink();  // after every peer has mapped it: nothing is left behind in /dev/shm
   char* base() const { return base_; }
   static size_t bytes_for(int peers, int links, size_t ring_bytes);
+  // A zeroed segment of any size, and opening one (its size must match).
+  static std::unique_ptr<Segment> create_bytes(size_t bytes);
+  static std::unique_ptr<Segment> open_bytes(const std::string& name, size_t bytes);
 
  private:
   Segment(std::string name, char* base, size_t bytes, bool owner)
@@ -50,13 +76,11 @@ class ShmLinks : public Links {
   std::string describe_peer(int peer) const override { return tcp_->describe_peer(peer); }
   void close() override;
 
-  struct Mailbox;     // shared layout, in shm.cc
-  struct RingHeader;
+  struct RingHeader;  // shared layout, in shm.cc
 
  private:
   RingHeader* ring(int owner, int from, int link) const;
-  Mailbox* mailbox(int owner) const;
-  void ring_bell(int owner) const;
+  Doorbell* mailbox(int owner) const;
 
   std::unique_ptr<tcp::TcpLinks> tcp_;
   int me_;

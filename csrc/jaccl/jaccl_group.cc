@@ -1,0 +1,148 @@
+#include "jaccl/jaccl_group.h"
+
+#include <cstring>
+
+#include "core/error.h"
+#include "transport/ibverbs.h"
+#include "transport/shm.h"
+#include "transport/shm_verbs.h"
+
+namespace mlxdist::jaccl {
+namespace {
+
+// Registered memory per rank: both slot sets for every peer, with room to spare.
+size_t arena_bytes(int n, const Options& o) {
+  return size_t(n) * 2 * o.depth * std::max<size_t>(o.frame_bytes, sizeof(Header)) + (1 << 20);
+}
+
+std::unique_ptr<verbs::QueuePairs> connect(ring::RingGroup& control, const Options& o) {
+  const int n = control.size(), me = control.rank();
+  auto exchange = [&control](const std::string& mine) { return control.exchange(mine); };
+  auto names = [&control](int p) { return control.describe_peer(p); };
+  auto lost = [&control](const std::vector<int>& peers) { return control.lost_peers(peers); };
+  std::string transport = o.transport;
+  if (transport == "auto") {  // shared memory when every member shares this host
+    auto hosts = exchange(shm::host_identity());
+    transport = "shm";
+    for (const auto& h : hosts)
+      if (h != hosts[me]) transport = "ibverbs";
+  }
+  if (transport == "shm")
+    return std::make_unique<shm::ShmQueuePairs>(me, n, arena_bytes(n, o), exchange, names, lost,
+                                                control.options().timeout_s);
+  if (transport != "ibverbs") fail("unknown JACCL transport \"", transport, "\" (auto, shm or ibverbs)");
+  std::vector<std::string> devices = o.devices;
+  devices.resize(n);
+  return ibverbs::connect(me, n, devices, exchange, names, lost, control.options().timeout_s,
+                          o.ibverbs_lib);
+}
+
+}  // namespace
+
+JacclGroup::JacclGroup(std::shared_ptr<ring::RingGroup> control, Options opts)
+    : control_(std::move(control)), opts_(std::move(opts)),
+      id_(mix_ids(control_->id(), 0x6a6163636cull)), sent_(control_->size()),
+      received_(control_->size()) {
+  qp_ = connect(*control_, opts_);
+  mesh_ = std::make_unique<Mesh>(*qp_, rank(), size(), opts_.frame_bytes, opts_.depth,
+                                 control_->options().timeout_s, "rank " + std::to_string(rank()));
+}
+
+JacclGroup::~JacclGroup() { close(); }
+
+void JacclGroup::abort() { control_->abort(); }
+
+void JacclGroup::close() {
+  if (qp_) qp_->close();
+  control_->close();
+}
+
+Header JacclGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
+                          uint64_t seq) const {
+  Header h;
+  h.op = op;
+  h.dtype = t;
+  h.reduce = r;
+  h.group = id_;
+  h.seq = seq;
+  h.nbytes = nbytes;
+  h.shape_hash = shape_hash;
+  return h;
+}
+
+void JacclGroup::check_peer(int peer, const char* what) const {
+  if (peer < 0 || peer >= size() || peer == rank())
+    fail("invalid ", what, " rank ", peer, " for this rank ", rank(), " of a group of size ", size());
+}
+
+void JacclGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                            uint64_t shape_hash) {
+  const Header h = header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++);
+  if (is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd)) {  // float32 on the wire
+    work_.resize(count * sizeof(float));
+    float* w = reinterpret_cast<float*>(work_.data());
+    to_float32(in, w, count, t);
+    jaccl::all_reduce(*mesh_, h, work_.data(), work_.data(), count, DType::kFloat32, op);
+    from_float32(w, out, count, t);
+    return;
+  }
+  jaccl::all_reduce(*mesh_, h, static_cast<const char*>(in), static_cast<char*>(out), count, t, op);
+}
+
+void JacclGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
+  const size_t bytes = count * dtype_size(t);
+  const Header h = header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++);
+  jaccl::all_gather(*mesh_, h, static_cast<const char*>(in), static_cast<char*>(out), bytes);
+}
+
+void JacclGroup::reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                                uint64_t shape_hash) {
+  const size_t total = count * size();
+  const Header h = header(OpCode::kReduceScatter, t, op, total * dtype_size(t), shape_hash, seq_++);
+  if (is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd)) {
+    work_.resize(total * sizeof(float));
+    out_.resize(count * sizeof(float));
+    to_float32(in, reinterpret_cast<float*>(work_.data()), total, t);
+    jaccl::reduce_scatter(*mesh_, h, work_.data(), out_.data(), count, DType::kFloat32, op);
+    from_float32(reinterpret_cast<const float*>(out_.data()), out, count, t);
+    return;
+  }
+  jaccl::reduce_scatter(*mesh_, h, static_cast<const char*>(in), static_cast<char*>(out), count, t, op);
+}
+
+void JacclGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
+  check_peer(dst, "destination");
+  const size_t bytes = count * dtype_size(t);
+  Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++);
+  h.tag = uint8_t(tag);
+  jaccl::send(*mesh_, h, static_cast<const char*>(in), bytes, dst);
+}
+
+void JacclGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
+  check_peer(src, "source");
+  const size_t bytes = count * dtype_size(t);
+  Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++);
+  h.tag = uint8_t(tag);
+  jaccl::recv(*mesh_, h, static_cast<char*>(out), bytes, src);
+}
+
+void JacclGroup::barrier() {
+  const Header h = header(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++);
+  jaccl::all_gather(*mesh_, h, nullptr, nullptr, 0);
+}
+
+std::shared_ptr<Group> JacclGroup::split(int color, int key) {
+  auto child = std::dynamic_pointer_cast<ring::RingGroup>(control_->split(color, key));
+  return std::make_shared<JacclGroup>(std::move(child), opts_);
+}
+
+std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,
+                                  const std::vector<int>& listen_fds, ring::Options ring_opts,
+                                  Options opts) {
+  ring_opts.transport = "tcp";  // control only: the data goes over the queue pairs
+  auto control = std::dynamic_pointer_cast<ring::RingGroup>(
+      ring::make_world(rank, hostfile, listen_fds, ring_opts));
+  return std::make_shared<JacclGroup>(std::move(control), std::move(opts));
+}
+
+}  // namespace mlxdist::jaccl

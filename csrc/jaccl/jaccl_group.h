@@ -1,0 +1,68 @@
+// The JACCL backend: MLX's JACCL (collectives for fully connected ranks over RDMA), here over
+// verbs-style queue pairs from libibverbs or, for ranks on one host, shared memory. A TCP
+// ring group of the same ranks is its control channel: set-up exchanges, split, and noticing
+// a peer that died.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/group.h"
+#include "jaccl/mesh.h"
+#include "ring/ring_group.h"
+
+namespace mlxdist::jaccl {
+
+struct Options {
+  std::string transport = "auto";    // auto (shared memory on one host, else ibverbs), shm, ibverbs
+  std::vector<std::string> devices;  // this rank's row of MLX_IBV_DEVICES ("" for itself)
+  std::string ibverbs_lib = "libibverbs.so.1";
+  size_t frame_bytes = 256 << 10;
+  int depth = 4;
+};
+
+class JacclGroup : public Group {
+ public:
+  JacclGroup(std::shared_ptr<ring::RingGroup> control, Options opts);
+  ~JacclGroup() override;
+
+  int rank() const override { return control_->rank(); }
+  int size() const override { return control_->size(); }
+  uint64_t id() const override { return id_; }
+  const char* backend() const override { return "jaccl"; }
+
+  void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                  uint64_t shape_hash) override;
+  void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) override;
+  void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                      uint64_t shape_hash) override;
+  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
+            int tag) override;
+  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
+  void barrier() override;
+  std::shared_ptr<Group> split(int color, int key) override;
+  void abort() override;
+  void close() override;
+
+ private:
+  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq) const;
+  void check_peer(int peer, const char* what) const;
+
+  std::shared_ptr<ring::RingGroup> control_;
+  Options opts_;
+  uint64_t id_;
+  std::unique_ptr<verbs::QueuePairs> qp_;
+  std::unique_ptr<Mesh> mesh_;
+  uint64_t seq_ = 0;
+  std::vector<uint64_t> sent_, received_;
+  std::vector<char> work_, out_;
+};
+
+// The world: a TCP control group from the ring's configuration (hostfile or coordinator
+// table), then queue pairs over the chosen transport.
+std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,
+                                  const std::vector<int>& listen_fds, ring::Options ring_opts,
+                                  Options opts);
+
+}  // namespace mlxdist::jaccl

@@ -1,0 +1,267 @@
+#include "jaccl/mesh.h"
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+
+#include "core/error.h"
+
+namespace mlxdist::jaccl {
+namespace {
+
+uint64_t post_id(int peer, bool is_recv, int slot) {
+  return (uint64_t(uint32_t(peer)) << 32) | (uint64_t(is_recv) << 16) | uint64_t(slot);
+}
+int id_slot(uint64_t id) { return int(id & 0xffff); }
+
+size_t frames_of(const std::vector<Piece>& pieces, size_t frame) {
+  size_t k = 0;
+  for (const Piece& p : pieces) k += (p.len + frame - 1) / frame;
+  return k;
+}
+
+// Walks pieces frame by frame.
+struct Cursor {
+  const std::vector<Piece>* pieces;
+  size_t piece = 0, off = 0;
+  // The next frame (at most `frame` bytes); false when none is left.
+  bool next(size_t frame, char** data, size_t* len) {
+    while (piece < pieces->size() && off == (*pieces)[piece].len) ++piece, off = 0;
+    if (piece == pieces->size()) return false;
+    const Piece& p = (*pieces)[piece];
+    *data = p.data + off;
+    *len = std::min(frame, p.len - off);
+    off += *len;
+    return true;
+  }
+};
+
+struct FlowState {
+  Cursor out, in;
+  size_t to_send = 0, sent = 0;     // messages, the header included
+  size_t to_land = 0, landed = 0;   // payload frames
+  bool header_seen = false;
+};
+
+}  // namespace
+
+struct Mesh::Peer {
+  std::deque<std::pair<int, size_t>> arrived;  // (slot, bytes) received, not yet landed, in order
+  std::vector<int> free_send;
+  int sending = 0;  // sends posted, not yet complete
+};
+
+Mesh::Mesh(verbs::QueuePairs& qp, int me, int n, size_t frame_bytes, int depth,
+           double timeout_s, std::string me_name)
+    : qp_(qp), me_(me), n_(n), frame_(frame_bytes), depth_(depth), timeout_s_(timeout_s),
+      me_name_(std::move(me_name)), slots_(n), peers_(n) {
+  const size_t slot = std::max(frame_, sizeof(Header));
+  for (int p = 0; p < n; ++p) {
+    if (p == me) continue;
+    slots_[p] = qp_.allocate(2 * depth * slot);
+    for (int s = 0; s < depth; ++s) {
+      qp_.post_recv(p, slots_[p], s * slot, slot, post_id(p, true, s));
+      peers_[p].free_send.push_back(depth + s);
+    }
+  }
+}
+
+Mesh::~Mesh() = default;
+
+void Mesh::run(std::vector<Flow>& flows, bool ordered) {
+  const size_t slot = std::max(frame_, sizeof(Header));
+  const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  std::vector<FlowState> st(flows.size());
+  for (size_t i = 0; i < flows.size(); ++i) {
+    st[i].out.pieces = &flows[i].send;
+    st[i].in.pieces = &flows[i].recv;
+    st[i].to_send = flows[i].sends ? 1 + frames_of(flows[i].send, frame_) : 0;
+    st[i].to_land = flows[i].receives ? frames_of(flows[i].recv, frame_) : 0;
+    st[i].header_seen = !flows[i].receives;
+  }
+  auto landed_all = [&](size_t i) { return st[i].header_seen && st[i].landed == st[i].to_land; };
+  // ordered: frame k of flow i waits for frame k of every earlier flow.
+  auto may_land = [&](size_t i) {
+    for (size_t j = 0; j < i; ++j)
+      if (st[j].landed <= st[i].landed && !landed_all(j)) return false;
+    return true;
+  };
+  std::vector<verbs::Completion> done;
+  std::vector<int> waiting;
+  Deadline deadline = Clock::now() + stall;
+  for (;;) {
+    for (size_t i = 0; i < flows.size(); ++i) {  // fill free send slots
+      Flow& f = flows[i];
+      Peer& P = peers_[f.peer];
+      while (st[i].sent < st[i].to_send && !P.free_send.empty()) {
+        const int s = P.free_send.back();
+        char* dst = slots_[f.peer].data + s * slot;
+        size_t len = sizeof(Header);
+        if (st[i].sent == 0) {
+          std::memcpy(dst, &f.header, sizeof(Header));
+        } else {
+          char* src;
+          st[i].out.next(frame_, &src, &len);
+          std::memcpy(dst, src, len);
+        }
+        qp_.post_send(f.peer, slots_[f.peer], s * slot, len, post_id(f.peer, false, s));
+        P.free_send.pop_back();
+        ++P.sending;
+        ++st[i].sent;
+      }
+    }
+    for (size_t i = 0; i < flows.size(); ++i) {  // land what arrived
+      Flow& f = flows[i];
+      Peer& P = peers_[f.peer];
+      while (!P.arrived.empty() && !landed_all(i)) {
+        auto [s, len] = P.arrived.front();
+        const char* src = slots_[f.peer].data + s * slot;
+        if (!st[i].header_seen) {
+          if (len != sizeof(Header))
+            fail("expected the header of ", describe(f.header), " from ", qp_.describe_peer(f.peer),
+                 " but got ", len, " bytes of payload (the ranks are out of step)");
+          Header theirs;
+          std::memcpy(&theirs, src, sizeof(Header));
+          check_header(f.header, theirs, me_name_, qp_.describe_peer(f.peer));
+          st[i].header_seen = true;
+        } else {
+          if (ordered && !may_land(i)) break;
+          char* dst;
+          size_t want;
+          st[i].in.next(frame_, &dst, &want);
+          if (len != want)
+            fail(describe(f.header), ": ", qp_.describe_peer(f.peer), " sent a frame of ", len,
+                 " bytes where ", want, " were expected");
+          if (f.land) f.land(dst, src, len);
+          else std::memcpy(dst, src, len);
+          ++st[i].landed;
+        }
+        P.arrived.pop_front();
+        qp_.post_recv(f.peer, slots_[f.peer], s * slot, slot, post_id(f.peer, true, s));
+      }
+    }
+    // Peers we still need something from: messages not yet arrived, or room for our sends.
+    // (A peer whose last messages have all arrived may leave: that is no failure.)
+    waiting.clear();
+    bool finished = true;
+    for (size_t i = 0; i < flows.size(); ++i) {
+      const Peer& P = peers_[flows[i].peer];
+      const size_t due = (st[i].header_seen ? 0 : 1) + st[i].to_land - st[i].landed;
+      const bool sends_left = st[i].sent < st[i].to_send || P.sending > 0;
+      finished = finished && due == 0 && !sends_left;
+      if (due > P.arrived.size() || sends_left) waiting.push_back(flows[i].peer);
+    }
+    if (finished) return;
+    if (waiting.empty()) continue;  // all of it arrived: the next pass lands it
+    done.clear();
+    qp_.poll(done, deadline, waiting);
+    for (const auto& c : done) {
+      Peer& P = peers_[c.peer];
+      if (c.is_recv) {
+        P.arrived.emplace_back(id_slot(c.id), c.len);
+      } else {
+        P.free_send.push_back(id_slot(c.id));
+        --P.sending;
+      }
+    }
+    deadline = Clock::now() + stall;  // the timeout bounds a stall, not the whole op
+  }
+}
+
+namespace {
+
+std::vector<size_t> block_offsets(size_t count, int n) {
+  std::vector<size_t> off(n + 1, 0);
+  for (int i = 0; i < n; ++i) off[i + 1] = off[i] + count / n + (size_t(i) < count % n ? 1 : 0);
+  return off;
+}
+
+// Flows to every peer in rank order.
+std::vector<Flow> to_everyone(const Mesh& m, const Header& h) {
+  std::vector<Flow> flows;
+  for (int p = 0; p < m.size(); ++p)
+    if (p != m.rank()) flows.push_back(Flow{p, h, {}, {}, true, true, nullptr});
+  return flows;
+}
+
+// out's block `mine` becomes the reduction over ranks of in's (in: own input, rank order of
+// peers after it), peers sending their copies of that block.
+void reduce_blocks(Mesh& m, const Header& h, const char* in, char* out, const std::vector<size_t>& off,
+                   size_t es, DType t, ReduceOp op, size_t in_stride_blocks) {
+  const int me = m.rank();
+  auto flows = to_everyone(m, h);
+  char* mine = out + (in_stride_blocks ? 0 : off[me] * es);
+  const char* own = in + off[me] * es;
+  bool first = true;
+  for (Flow& f : flows) {
+    f.send = {Piece{const_cast<char*>(in) + off[f.peer] * es, (off[f.peer + 1] - off[f.peer]) * es}};
+    f.recv = {Piece{mine, (off[me + 1] - off[me]) * es}};
+    if (first)
+      f.land = [=](char* dst, const char* src, size_t len) {
+        reduce_to(dst, own + (dst - mine), src, len / es, t, op);
+      };
+    else
+      f.land = [=](char* dst, const char* src, size_t len) { reduce_into(dst, src, len / es, t, op); };
+    first = false;
+  }
+  m.run(flows, true);
+}
+
+}  // namespace
+
+void all_reduce(Mesh& m, const Header& h, const char* in, char* out, size_t count, DType t,
+                ReduceOp op) {
+  const int n = m.size(), me = m.rank();
+  const size_t es = dtype_size(t), bytes = count * es;
+  if (bytes <= m.small_bytes) {
+    // Everyone gets everything and reduces it in rank order: one round, the same bits.
+    std::vector<char> all(n * bytes);
+    std::memcpy(all.data() + me * bytes, in, bytes);
+    auto flows = to_everyone(m, h);
+    for (Flow& f : flows) {
+      f.send = {Piece{const_cast<char*>(in), bytes}};
+      f.recv = {Piece{all.data() + f.peer * bytes, bytes}};
+    }
+    m.run(flows, false);
+    reduce_to(out, all.data(), all.data() + bytes, count, t, op);
+    for (int i = 2; i < n; ++i) reduce_into(out, all.data() + i * bytes, count, t, op);
+    return;
+  }
+  const auto off = block_offsets(count, n);
+  reduce_blocks(m, h, in, out, off, es, t, op, 0);
+  auto flows = to_everyone(m, h);
+  for (Flow& f : flows) {
+    f.send = {Piece{out + off[me] * es, (off[me + 1] - off[me]) * es}};
+    f.recv = {Piece{out + off[f.peer] * es, (off[f.peer + 1] - off[f.peer]) * es}};
+  }
+  m.run(flows, false);
+}
+
+void all_gather(Mesh& m, const Header& h, const char* in, char* out, size_t bytes) {
+  if (bytes) std::memmove(out + m.rank() * bytes, in, bytes);
+  auto flows = to_everyone(m, h);
+  for (Flow& f : flows) {
+    f.send = {Piece{out + m.rank() * bytes, bytes}};
+    f.recv = {Piece{out + f.peer * bytes, bytes}};
+  }
+  m.run(flows, false);
+}
+
+void reduce_scatter(Mesh& m, const Header& h, const char* in, char* out, size_t count, DType t,
+                    ReduceOp op) {
+  std::vector<size_t> off(m.size() + 1);
+  for (int i = 0; i <= m.size(); ++i) off[i] = i * count;
+  reduce_blocks(m, h, in, out, off, dtype_size(t), t, op, 1);
+}
+
+void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst) {
+  std::vector<Flow> flows{Flow{dst, h, {Piece{const_cast<char*>(in), bytes}}, {}, true, false, nullptr}};
+  m.run(flows, false);
+}
+
+void recv(Mesh& m, const Header& h, char* out, size_t bytes, int src) {
+  std::vector<Flow> flows{Flow{src, h, {}, {Piece{out, bytes}}, false, true, nullptr}};
+  m.run(flows, false);
+}
+
+}  // namespace mlxdist::jaccl

@@ -1,0 +1,68 @@
+// JACCL's algorithms for fully connected ranks, over verbs-style queue pairs: every rank talks
+// to every other directly. Messages go through registered slots: each peer has `depth`
+// receives posted at all times (so a send never waits for its receiver to be inside an op),
+// and `depth` send slots. Every op's stream to a peer starts with the op's header, which the
+// receiver checks before it touches any payload.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/header.h"
+#include "transport/verbs.h"
+
+namespace mlxdist::jaccl {
+
+struct Piece {
+  char* data;
+  size_t len;
+};
+
+// What one op moves between this rank and one peer, in order.
+struct Flow {
+  int peer;
+  Header header;              // sent first; the peer's must match it
+  std::vector<Piece> send;
+  std::vector<Piece> recv;
+  bool sends = true, receives = true;  // whether each direction runs (send/recv use one)
+  // How arriving payload goes into recv (dst) from the slot (src): a copy when empty.
+  std::function<void(char* dst, const char* src, size_t len)> land;
+};
+
+class Mesh {
+ public:
+  Mesh(verbs::QueuePairs& qp, int me, int n, size_t frame_bytes, int depth, double timeout_s,
+       std::string me_name);
+  ~Mesh();
+  // Runs the flows to completion. ordered: the k-th frame of flows[i] lands only after the k-th
+  // frame of every earlier flow (a fixed reduction order, hence the same bits on every run).
+  void run(std::vector<Flow>& flows, bool ordered);
+
+  int rank() const { return me_; }
+  int size() const { return n_; }
+  size_t small_bytes = 64 << 10;  // all-reduce at or below: everyone reduces everything in rank order
+
+ private:
+  struct Peer;
+  verbs::QueuePairs& qp_;
+  int me_, n_;
+  size_t frame_;
+  int depth_;
+  double timeout_s_;
+  std::string me_name_;
+  std::vector<verbs::Buffer> slots_;  // per peer: depth receive slots, then depth send slots
+  std::vector<Peer> peers_;
+};
+
+// The collectives (header: the op's, sent to every peer). out may alias in where noted.
+void all_reduce(Mesh& m, const Header& h, const char* in, char* out, size_t count, DType t,
+                ReduceOp op);  // out may be in
+void all_gather(Mesh& m, const Header& h, const char* in, char* out, size_t bytes);
+// in: size() blocks of count elements; out: this rank's block of the reduction.
+void reduce_scatter(Mesh& m, const Header& h, const char* in, char* out, size_t count, DType t,
+                    ReduceOp op);
+void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst);
+void recv(Mesh& m, const Header& h, char* out, size_t bytes, int src);
+
+}  // namespace mlxdist::jaccl

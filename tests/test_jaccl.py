@@ -1,0 +1,148 @@
+"""The JACCL backend with real subprocess ranks: over shared memory (ranks on one host) the
+core and autodiff suites and its own failure modes; the ibverbs transport's "no device" path."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_mlxdist import _C
+from jax_mlxdist.testing import RanksFailed, run_ranks
+
+TESTS = Path(__file__).parent
+
+
+def test_core_and_autodiff_suites_on_jaccl():
+    # The same test files and rank counts (1-4), every init() picking JACCL over shared memory.
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(TESTS / "test_collectives.py"), str(TESTS / "test_autodiff.py")],
+        env={**os.environ, "MLXDIST_TEST_BACKEND": "jaccl"}, capture_output=True, text=True,
+        timeout=1800, cwd=TESTS.parent)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout and "skipped" not in out.stdout
+
+
+def body_every_op(sizes):
+    import jax
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    assert g.backend == "jaccl" and dist.is_available("jaccl")
+    r, n = g.rank(), g.size()
+    out = {}
+    for count in sizes:
+        x = jnp.arange(count, dtype=jnp.float32) + r
+        out["sum", count] = np.asarray(jax.jit(dist.all_sum)(x))
+        out["max", count] = np.asarray(dist.all_max(x))
+        out["half", count] = np.asarray(dist.all_sum(x.astype(jnp.bfloat16)).astype(jnp.float32))
+        out["gather", count] = np.asarray(dist.all_gather(x))
+        out["scatter", count] = np.asarray(dist.sum_scatter(jnp.tile(x, n)))
+    nxt = dist.send(jnp.full(5, float(r)), (r + 1) % n)
+    out["ring"] = np.asarray(dist.recv_like(nxt, (r - 1) % n))
+    sub = g.split(r % 2, key=-r)
+    out["sub"] = (sub.rank(), sub.size(), float(dist.all_sum(jnp.float32(r), group=sub)))
+    dist.barrier()
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_every_op_on_n_ranks(n):
+    sizes = [1, 1000, 300_001]  # below and above the one-round threshold; uneven blocks
+    results = run_ranks(body_every_op, n, args=(sizes,), backend="jaccl", timeout=600)
+    for r, out in enumerate(results):
+        for count in sizes:
+            base = np.arange(count, dtype=np.float32)
+            total = sum(base + k for k in range(n))
+            np.testing.assert_array_equal(out["sum", count], total)
+            np.testing.assert_array_equal(out["max", count], base + n - 1)
+            np.testing.assert_allclose(out["half", count], total, rtol=1e-2)
+            np.testing.assert_array_equal(out["gather", count],
+                                          np.concatenate([base + k for k in range(n)]))
+            np.testing.assert_array_equal(out["scatter", count], total)
+            # the same bits on every rank
+            np.testing.assert_array_equal(out["sum", count], results[0]["sum", count])
+            np.testing.assert_array_equal(out["half", count], results[0]["half", count])
+        np.testing.assert_array_equal(out["ring"], np.full(5, float((r - 1) % n)))
+        members = [k for k in range(n) if k % 2 == r % 2]
+        assert out["sub"] == (sorted(members, reverse=True).index(r), len(members),
+                              float(sum(members)))
+
+
+def body_mlx_variables(tmp):
+    """MLX's own JACCL variables: rank 0 hosts the meeting; the devices file names the mesh."""
+    import json
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    with open(os.environ.pop("MLX_HOSTFILE")) as f:
+        rank0 = json.load(f)[0][0]  # rank 0 inherited a socket listening here
+    n = 3
+    path = os.path.join(tmp, "devices.json")
+    with open(path + f".{os.environ['MLX_RANK']}", "w") as f:
+        json.dump([[None if i == j else f"rdma_en{i + j}" for j in range(n)] for i in range(n)], f)
+    os.environ.update(MLX_IBV_DEVICES=path + f".{os.environ['MLX_RANK']}",
+                      MLX_JACCL_COORDINATOR=rank0)
+    g = dist.init(strict=True, backend="jaccl")
+    return g.backend, g.size(), float(dist.all_sum(jnp.float32(g.rank() + 1)))
+
+
+def test_mlx_jaccl_variables(tmp_path):
+    results = run_ranks(body_mlx_variables, 3, args=(str(tmp_path),), backend="ring", timeout=120)
+    assert results == [("jaccl", 3, 6.0)] * 3
+
+
+def body_mismatch():
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    dist.all_sum(jnp.ones(100_000 + g.rank()))
+
+
+def test_mismatched_shapes_raise_on_every_rank():
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(body_mismatch, 2, backend="jaccl", timeout=120)
+    msg = str(info.value)
+    for r in range(2):
+        assert f"rank {r} raised DistributedError" in msg
+    assert "all_sum(float32, 400000 bytes" in msg and "all_sum(float32, 400004 bytes" in msg
+
+
+def body_dead_peer():
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    if g.rank() == 1:
+        os._exit(3)  # dies without a word
+    dist.all_sum(jnp.ones(1000))
+
+
+def test_dead_peer_is_named():
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(body_dead_peer, 2, backend="jaccl", timeout=120,
+                  env={"MLXDIST_TIMEOUT": "60"})
+    msg = str(info.value)
+    assert "rank 0 raised DistributedError" in msg and "rank 1" in msg and "closed" in msg
+
+
+def body_ibverbs_without_device():
+    import jax_mlxdist as dist
+    try:
+        dist.init(strict=True, backend="jaccl")
+    except dist.DistributedError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ibverbs_without_a_device_is_a_clear_error():
+    ok, why = _C.ibverbs_available("libibverbs-that-is-not-there.so")
+    assert not ok and "libibverbs-that-is-not-there.so" in why
+    ok, why = _C.ibverbs_available("")
+    if ok:
+        pytest.skip(f"this machine has RDMA devices ({why}); the no-device path needs none")
+    errors = run_ranks(body_ibverbs_without_device, 2, backend="jaccl", timeout=120,
+                       env={"MLXDIST_JACCL_TRANSPORT": "ibverbs"})
+    for e in errors:
+        assert e != "no error" and ("RDMA device" in e or "libibverbs" in e), e
