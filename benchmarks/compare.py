@@ -4,7 +4,8 @@
     python benchmarks/compare.py                            # n = 2, 4 B .. 64 MiB
     python benchmarks/compare.py -n 2 4 --sizes 4 64K 1M --plot out.png --json out.json
 
-Implementations (--impls): ours (jax_mlxdist ring, this interpreter), ours-mpi-tcp and
+Implementations (--impls): ours (jax_mlxdist ring, this interpreter), ours-jaccl (our JACCL
+backend; over shared memory here, the ranks sharing the host), ours-mpi-tcp and
 ours-mpi-shm (jax_mlxdist's MPI backend over the same Open MPI as mpi4jax), mlx (MLX ring 0.32.4,
 MLX_RANK + MLX_HOSTFILE, our own small launcher), torch (torch 2.13.0 gloo), jax (JAX 0.10.2's
 own CPU collectives: jax.distributed + shard_map, gloo), mpi4jax-tcp and mpi4jax-shm (mpi4jax
@@ -59,6 +60,8 @@ MPI_SHM = ["--mca", "pml", "ob1", "--mca", "btl", "vader,self"]
 # name -> label, venv (None: this interpreter), rank script, how ranks are started
 IMPLS = {
     "ours": dict(label="ours", venv=None, script="ours.py", start="ours"),
+    "ours-jaccl": dict(label="ours JACCL", venv=None, script="ours.py", start="ours",
+                       env={"BENCH_BACKEND": "jaccl"}),
     "mlx": dict(label="MLX ring", venv="mlx", script="mlx_ring.py", start="mlx"),
     "torch": dict(label="torch gloo", venv="torch", script="torch_gloo.py", start="plain"),
     "jax": dict(label="JAX gloo", venv="jax", script="jax_gloo.py", start="plain"),
@@ -388,7 +391,7 @@ def _cell_text(rs, fmt):
 
 def _ratio_text(rows, impls, op, nbytes, mode, passes, n, bandwidth):
     parts = []
-    peers = [i for i in impls if i != "ours"]
+    peers = [i for i in impls if not i.startswith("ours")]  # other projects only
     for p in range(1, passes + 1):
         def get(i):
             return next((r for r in rows if r["impl"] == i and r["op"] == op and r["nbytes"] == nbytes
