@@ -5,7 +5,8 @@
     python benchmarks/compare.py -n 2 4 --sizes 4 64K 1M --plot out.png --json out.json
 
 Implementations (--impls): ours (jax_mlxdist ring, this interpreter), ours-jaccl (our JACCL
-backend; over shared memory here, the ranks sharing the host), ours-mpi-tcp and
+backend; over shared memory here, the ranks sharing the host), ours-jaccl-ring (its ring
+variant, MLX_JACCL_RING=1), ours-mpi-tcp and
 ours-mpi-shm (jax_mlxdist's MPI backend over the same Open MPI as mpi4jax), mlx (MLX ring 0.32.4,
 MLX_RANK + MLX_HOSTFILE, our own small launcher), torch (torch 2.13.0 gloo), jax (JAX 0.10.2's
 own CPU collectives: jax.distributed + shard_map, gloo), mpi4jax-tcp and mpi4jax-shm (mpi4jax
@@ -62,6 +63,8 @@ IMPLS = {
     "ours": dict(label="ours", venv=None, script="ours.py", start="ours"),
     "ours-jaccl": dict(label="ours JACCL", venv=None, script="ours.py", start="ours",
                        env={"BENCH_BACKEND": "jaccl"}),
+    "ours-jaccl-ring": dict(label="ours JACCL ring", venv=None, script="ours.py", start="ours",
+                            env={"BENCH_BACKEND": "jaccl", "MLX_JACCL_RING": "1"}),
     "mlx": dict(label="MLX ring", venv="mlx", script="mlx_ring.py", start="mlx"),
     "torch": dict(label="torch gloo", venv="torch", script="torch_gloo.py", start="plain"),
     "jax": dict(label="JAX gloo", venv="jax", script="jax_gloo.py", start="plain"),

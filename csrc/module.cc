@@ -64,7 +64,7 @@ NB_MODULE(_C, m) {
       [](int rank, const std::vector<std::vector<std::string>>& hostfile,
          const std::vector<int>& listen_fds, double timeout, const std::string& token,
          bool verbose, const std::string& transport, const std::vector<std::string>& devices,
-         const std::string& ibverbs_lib) {
+         const std::string& ibverbs_lib, bool ring) {
         if (!(timeout > 0) || !std::isfinite(timeout))
           fail("init: the timeout must be a positive number of seconds, got ", timeout);
         ring::Options ring_opts;
@@ -75,6 +75,7 @@ NB_MODULE(_C, m) {
         opts.transport = transport;
         opts.devices = devices;
         if (!ibverbs_lib.empty()) opts.ibverbs_lib = ibverbs_lib;
+        opts.ring = ring;
         std::shared_ptr<Group> g;
         {
           nb::gil_scoped_release release;
@@ -85,6 +86,7 @@ NB_MODULE(_C, m) {
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
       nb::arg("token") = "", nb::arg("verbose") = false, nb::arg("transport") = "auto",
       nb::arg("devices") = std::vector<std::string>(), nb::arg("ibverbs_lib") = "",
+      nb::arg("ring") = false,
       "Connect this rank's JACCL group (control over TCP, data over queue pairs).");
   m.def("ibverbs_available", [](const std::string& lib) {
     return ibverbs::available(lib.empty() ? "libibverbs.so.1" : lib);

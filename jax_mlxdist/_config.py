@@ -134,6 +134,11 @@ def jaccl_transport() -> str:
     return value
 
 
+def jaccl_ring() -> bool:
+    """MLX_JACCL_RING: JACCL runs the ring algorithms instead of the mesh ones."""
+    return os.environ.get("MLX_JACCL_RING", "") not in ("", "0")
+
+
 def ibverbs_library() -> str:
     """MLXDIST_IBV_LIB: the libibverbs to load (default: libibverbs.so.1)."""
     return os.environ.get("MLXDIST_IBV_LIB", "")

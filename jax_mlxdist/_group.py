@@ -16,8 +16,8 @@ import jax
 
 from jax_mlxdist import _C
 from jax_mlxdist._config import (coordinator_config, default_backend, ibverbs_library,
-                                 jaccl_config, jaccl_transport, mpi_launched, mpi_library,
-                                 ring_config, timeout, transport)
+                                 jaccl_config, jaccl_ring, jaccl_transport, mpi_launched,
+                                 mpi_library, ring_config, timeout, transport)
 from jax_mlxdist._errors import DistributedError
 
 BACKENDS = ("any", "ring", "mpi", "jaccl", "nccl")
@@ -216,7 +216,7 @@ def _connect(config, meet, backend: str = "ring", devices: list[str] | None = No
             hosts, fds = [[a] for a in table], []
         if backend == "jaccl":
             handle = _call(_C.init_jaccl, rank, hosts, fds, timeout(), token, verbose,
-                           jaccl_transport(), devices or [], ibverbs_library())
+                           jaccl_transport(), devices or [], ibverbs_library(), jaccl_ring())
         else:
             handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
     except DistributedError as e:  # say which step failed: connecting, not a collective

@@ -49,10 +49,12 @@ def body_every_op(sizes):
     return out
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_every_op_on_n_ranks(n):
+@pytest.mark.parametrize("n, variant", [(2, "mesh"), (4, "mesh"), (8, "mesh"), (2, "ring"),
+                                        (3, "ring")])
+def test_every_op_on_n_ranks(n, variant):
     sizes = [1, 1000, 300_001]  # below and above the one-round threshold; uneven blocks
-    results = run_ranks(body_every_op, n, args=(sizes,), backend="jaccl", timeout=600)
+    env = {"MLX_JACCL_RING": "1"} if variant == "ring" else {}
+    results = run_ranks(body_every_op, n, args=(sizes,), backend="jaccl", timeout=600, env=env)
     for r, out in enumerate(results):
         for count in sizes:
             base = np.arange(count, dtype=np.float32)

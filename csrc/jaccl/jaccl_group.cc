@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "jaccl/ring_links.h"
 #include "transport/ibverbs.h"
 #include "transport/shm.h"
 #include "transport/shm_verbs.h"
@@ -46,6 +47,10 @@ JacclGroup::JacclGroup(std::shared_ptr<ring::RingGroup> control, Options opts)
   qp_ = connect(*control_, opts_);
   mesh_ = std::make_unique<Mesh>(*qp_, rank(), size(), opts_.frame_bytes, opts_.depth,
                                  control_->options().timeout_s, "rank " + std::to_string(rank()));
+  if (opts_.ring)
+    ring_ = std::make_unique<ring::RingGroup>(id_, rank(), size(),
+                                              std::make_unique<RingLinks>(*mesh_, *qp_),
+                                              control_->options());
 }
 
 JacclGroup::~JacclGroup() { close(); }
@@ -77,6 +82,7 @@ void JacclGroup::check_peer(int peer, const char* what) const {
 
 void JacclGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
                             uint64_t shape_hash) {
+  if (ring_) return ring_->all_reduce(in, out, count, t, op, shape_hash);
   const Header h = header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++);
   if (is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd)) {  // float32 on the wire
     work_.resize(count * sizeof(float));
@@ -90,6 +96,7 @@ void JacclGroup::all_reduce(const void* in, void* out, size_t count, DType t, Re
 }
 
 void JacclGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
+  if (ring_) return ring_->all_gather(in, out, count, t, shape_hash);
   const size_t bytes = count * dtype_size(t);
   const Header h = header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++);
   jaccl::all_gather(*mesh_, h, static_cast<const char*>(in), static_cast<char*>(out), bytes);
@@ -97,6 +104,7 @@ void JacclGroup::all_gather(const void* in, void* out, size_t count, DType t, ui
 
 void JacclGroup::reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
                                 uint64_t shape_hash) {
+  if (ring_) return ring_->reduce_scatter(in, out, count, t, op, shape_hash);
   const size_t total = count * size();
   const Header h = header(OpCode::kReduceScatter, t, op, total * dtype_size(t), shape_hash, seq_++);
   if (is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd)) {
@@ -111,6 +119,7 @@ void JacclGroup::reduce_scatter(const void* in, void* out, size_t count, DType t
 }
 
 void JacclGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
+  if (ring_) return ring_->send(in, count, t, dst, shape_hash, tag);
   check_peer(dst, "destination");
   const size_t bytes = count * dtype_size(t);
   Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++);
@@ -119,6 +128,7 @@ void JacclGroup::send(const void* in, size_t count, DType t, int dst, uint64_t s
 }
 
 void JacclGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
+  if (ring_) return ring_->recv(out, count, t, src, shape_hash, tag);
   check_peer(src, "source");
   const size_t bytes = count * dtype_size(t);
   Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++);
@@ -127,6 +137,7 @@ void JacclGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_
 }
 
 void JacclGroup::barrier() {
+  if (ring_) return ring_->barrier();
   const Header h = header(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++);
   jaccl::all_gather(*mesh_, h, nullptr, nullptr, 0);
 }

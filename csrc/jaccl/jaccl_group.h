@@ -20,6 +20,7 @@ struct Options {
   std::string ibverbs_lib = "libibverbs.so.1";
   size_t frame_bytes = 256 << 10;
   int depth = 4;
+  bool ring = false;  // MLX_JACCL_RING: the ring algorithms over the same queue pairs
 };
 
 class JacclGroup : public Group {
@@ -54,6 +55,7 @@ class JacclGroup : public Group {
   uint64_t id_;
   std::unique_ptr<verbs::QueuePairs> qp_;
   std::unique_ptr<Mesh> mesh_;
+  std::unique_ptr<ring::RingGroup> ring_;  // the ring variant runs every op through it
   uint64_t seq_ = 0;
   std::vector<uint64_t> sent_, received_;
   std::vector<char> work_, out_;

@@ -20,13 +20,21 @@ size_t frames_of(const std::vector<Piece>& pieces, size_t frame) {
   return k;
 }
 
-// Walks pieces frame by frame.
+// Walks pieces frame by frame; done[i] (when given) runs as piece i is finished, empty
+// pieces included.
 struct Cursor {
   const std::vector<Piece>* pieces;
+  const std::vector<std::function<void()>>* done = nullptr;
   size_t piece = 0, off = 0;
+  void settle() {
+    while (piece < pieces->size() && off == (*pieces)[piece].len) {
+      if (done && piece < done->size() && (*done)[piece]) (*done)[piece]();
+      ++piece, off = 0;
+    }
+  }
   // The next frame (at most `frame` bytes); false when none is left.
   bool next(size_t frame, char** data, size_t* len) {
-    while (piece < pieces->size() && off == (*pieces)[piece].len) ++piece, off = 0;
+    settle();
     if (piece == pieces->size()) return false;
     const Piece& p = (*pieces)[piece];
     *data = p.data + off;
@@ -41,6 +49,7 @@ struct FlowState {
   size_t to_send = 0, sent = 0;     // messages, the header included
   size_t to_land = 0, landed = 0;   // payload frames
   bool header_seen = false;
+  size_t first_frame = 1;  // index of the first payload message (0 without a header)
 };
 
 }  // namespace
@@ -75,9 +84,13 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
   for (size_t i = 0; i < flows.size(); ++i) {
     st[i].out.pieces = &flows[i].send;
     st[i].in.pieces = &flows[i].recv;
-    st[i].to_send = flows[i].sends ? 1 + frames_of(flows[i].send, frame_) : 0;
+    st[i].in.done = &flows[i].recv_done;
+    const size_t head = flows[i].with_header ? 1 : 0;
+    st[i].first_frame = head;
+    st[i].to_send = flows[i].sends ? head + frames_of(flows[i].send, frame_) : 0;
     st[i].to_land = flows[i].receives ? frames_of(flows[i].recv, frame_) : 0;
-    st[i].header_seen = !flows[i].receives;
+    st[i].header_seen = !flows[i].receives || !flows[i].with_header;
+    if (flows[i].receives) st[i].in.settle();  // leading empty pieces
   }
   auto landed_all = [&](size_t i) { return st[i].header_seen && st[i].landed == st[i].to_land; };
   // ordered: frame k of flow i waits for frame k of every earlier flow.
@@ -97,7 +110,7 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
         const int s = P.free_send.back();
         char* dst = slots_[f.peer].data + s * slot;
         size_t len = sizeof(Header);
-        if (st[i].sent == 0) {
+        if (st[i].sent < st[i].first_frame) {
           std::memcpy(dst, &f.header, sizeof(Header));
         } else {
           char* src;
@@ -135,6 +148,7 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
           if (f.land) f.land(dst, src, len);
           else std::memcpy(dst, src, len);
           ++st[i].landed;
+          st[i].in.settle();  // finished pieces run their callbacks now
         }
         P.arrived.pop_front();
         qp_.post_recv(f.peer, slots_[f.peer], s * slot, slot, post_id(f.peer, true, s));
@@ -176,11 +190,18 @@ std::vector<size_t> block_offsets(size_t count, int n) {
   return off;
 }
 
+Flow flow_with(int peer, const Header& h) {
+  Flow f;
+  f.peer = peer;
+  f.header = h;
+  return f;
+}
+
 // Flows to every peer in rank order.
 std::vector<Flow> to_everyone(const Mesh& m, const Header& h) {
   std::vector<Flow> flows;
   for (int p = 0; p < m.size(); ++p)
-    if (p != m.rank()) flows.push_back(Flow{p, h, {}, {}, true, true, nullptr});
+    if (p != m.rank()) flows.push_back(flow_with(p, h));
   return flows;
 }
 
@@ -255,12 +276,16 @@ void reduce_scatter(Mesh& m, const Header& h, const char* in, char* out, size_t 
 }
 
 void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst) {
-  std::vector<Flow> flows{Flow{dst, h, {Piece{const_cast<char*>(in), bytes}}, {}, true, false, nullptr}};
+  std::vector<Flow> flows{flow_with(dst, h)};
+  flows[0].send = {Piece{const_cast<char*>(in), bytes}};
+  flows[0].receives = false;
   m.run(flows, false);
 }
 
 void recv(Mesh& m, const Header& h, char* out, size_t bytes, int src) {
-  std::vector<Flow> flows{Flow{src, h, {}, {Piece{out, bytes}}, false, true, nullptr}};
+  std::vector<Flow> flows{flow_with(src, h)};
+  flows[0].recv = {Piece{out, bytes}};
+  flows[0].sends = false;
   m.run(flows, false);
 }
 

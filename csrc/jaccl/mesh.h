@@ -21,13 +21,15 @@ struct Piece {
 
 // What one op moves between this rank and one peer, in order.
 struct Flow {
-  int peer;
+  int peer = 0;
   Header header;              // sent first; the peer's must match it
   std::vector<Piece> send;
   std::vector<Piece> recv;
   bool sends = true, receives = true;  // whether each direction runs (send/recv use one)
   // How arriving payload goes into recv (dst) from the slot (src): a copy when empty.
   std::function<void(char* dst, const char* src, size_t len)> land;
+  bool with_header = true;  // false: the caller frames its own stream (the ring variant)
+  std::vector<std::function<void()>> recv_done;  // optional, per recv piece: run once it landed
 };
 
 class Mesh {

@@ -53,6 +53,12 @@ RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
   if (opts_.transport != "tcp" && n > 1) try_shared_memory();
 }
 
+RingGroup::RingGroup(uint64_t id, int rank, int size, std::unique_ptr<Links> links, Options opts)
+    : id_(id), rank_(rank), world_ranks_(size), opts_(opts), links_(std::move(links)),
+      sent_(size), received_(size) {
+  std::iota(world_ranks_.begin(), world_ranks_.end(), 0);
+}
+
 RingGroup::~RingGroup() { close(); }
 
 void RingGroup::abort() {
@@ -187,6 +193,7 @@ void RingGroup::barrier() {
 }
 
 std::shared_ptr<Group> RingGroup::split(int color, int key) {
+  if (!book_) fail("internal: this ring runs over another backend's links and cannot split");
   const int n = size();
   std::vector<int32_t> all(2 * n);
   {

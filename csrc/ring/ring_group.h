@@ -36,6 +36,8 @@ class RingGroup : public Group {
   // Connects to the other members (world ranks, in group-rank order); blocks until done.
   RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
             std::shared_ptr<const AddressBook> book, Options opts);
+  // Over links another backend provides (JACCL's ring variant); such a group cannot split.
+  RingGroup(uint64_t id, int rank, int size, std::unique_ptr<Links> links, Options opts);
   ~RingGroup() override;
 
   int rank() const override { return rank_; }
