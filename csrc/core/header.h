@@ -30,6 +30,19 @@ struct Header {
 };
 static_assert(sizeof(Header) == 40, "header layout is part of the wire format");
 
+inline Header make_header(uint64_t group, OpCode op, DType t, ReduceOp r, uint64_t nbytes,
+                          uint64_t shape_hash, uint64_t seq) {
+  Header h;
+  h.op = op;
+  h.dtype = t;
+  h.reduce = r;
+  h.group = group;
+  h.seq = seq;
+  h.nbytes = nbytes;
+  h.shape_hash = shape_hash;
+  return h;
+}
+
 // "all_sum(float32, 64 bytes, #3)": the op as a user would name it.
 std::string describe(const Header& h);
 

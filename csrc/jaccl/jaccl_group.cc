@@ -64,15 +64,7 @@ void JacclGroup::close() {
 
 Header JacclGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
                           uint64_t seq) const {
-  Header h;
-  h.op = op;
-  h.dtype = t;
-  h.reduce = r;
-  h.group = id_;
-  h.seq = seq;
-  h.nbytes = nbytes;
-  h.shape_hash = shape_hash;
-  return h;
+  return make_header(id_, op, t, r, nbytes, shape_hash, seq);
 }
 
 void JacclGroup::check_peer(int peer, const char* what) const {

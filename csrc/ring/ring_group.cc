@@ -79,15 +79,7 @@ struct RingGroup::Context : ring::Context {
 
 Header RingGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
                          uint64_t seq) {
-  Header h;
-  h.op = op;
-  h.dtype = t;
-  h.reduce = r;
-  h.group = id_;
-  h.seq = seq;
-  h.nbytes = nbytes;
-  h.shape_hash = shape_hash;
-  return h;
+  return make_header(id_, op, t, r, nbytes, shape_hash, seq);
 }
 
 void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
