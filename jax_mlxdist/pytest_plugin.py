@@ -7,11 +7,11 @@
     @pytest.mark.ranks(2, 4, timeout=60, env={"JAX_ENABLE_X64": "1"})  # on 2 ranks, then 4
     def test_gather(group, rank, size): ...
 
-MLXDIST_TEST_RANKS (say "8" or "2,4,8") replaces the rank counts of every marker, to run a
-suite at other sizes. Inside the body the fixtures `group` (the initialised world group), `rank` and `size` are the
+Inside the body the fixtures `group` (the initialised world group), `rank` and `size` are the
 rank's own; other arguments (parametrize values, tmp_path...) travel by value. A failing rank
 fails the test with that rank's traceback; a rank still running at the timeout is killed and
-its last output shown.
+its last output shown. MLXDIST_TEST_RANKS (say "8" or "2,4,8") replaces the rank counts of
+every marker, to run a suite at other sizes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def pytest_generate_tests(metafunc):
         try:
             counts = tuple(int(c) for c in override)
         except ValueError:
-            raise pytest.UsageError(f"MLXDIST_TEST_RANKS={override!r}: expected rank counts") from None
+            raise pytest.UsageError(
+                f"MLXDIST_TEST_RANKS={override!r}: expected rank counts") from None
     if not all(isinstance(n, int) and n >= 1 for n in counts):
         raise pytest.UsageError(f"ranks() takes positive rank counts, got {counts!r}")
     metafunc.fixturenames.append(NRANKS)
