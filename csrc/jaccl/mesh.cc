@@ -63,7 +63,7 @@ struct Mesh::Peer {
 Mesh::Mesh(verbs::QueuePairs& qp, int me, int n, size_t frame_bytes, int depth,
            double timeout_s, std::string me_name)
     : qp_(qp), me_(me), n_(n), frame_(frame_bytes), depth_(depth), timeout_s_(timeout_s),
-      me_name_(std::move(me_name)), slots_(n), peers_(n) {
+      me_name_(std::move(me_name)), direct_(qp.sends_from_any_memory()), slots_(n), peers_(n) {
   const size_t slot = std::max(frame_, sizeof(Header));
   for (int p = 0; p < n; ++p) {
     if (p == me) continue;
@@ -107,17 +107,22 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
       Flow& f = flows[i];
       Peer& P = peers_[f.peer];
       while (st[i].sent < st[i].to_send && !P.free_send.empty()) {
-        const int s = P.free_send.back();
+        const int s = P.free_send.back();  // also bounds the sends in flight per peer
         char* dst = slots_[f.peer].data + s * slot;
         size_t len = sizeof(Header);
         if (st[i].sent < st[i].first_frame) {
           std::memcpy(dst, &f.header, sizeof(Header));
+          qp_.post_send(f.peer, slots_[f.peer], s * slot, len, post_id(f.peer, false, s));
         } else {
           char* src;
           st[i].out.next(frame_, &src, &len);
-          std::memcpy(dst, src, len);
+          if (direct_) {  // the transport copies anyway: no staging
+            qp_.post_send(f.peer, verbs::Buffer{src, len, 0}, 0, len, post_id(f.peer, false, s));
+          } else {
+            std::memcpy(dst, src, len);
+            qp_.post_send(f.peer, slots_[f.peer], s * slot, len, post_id(f.peer, false, s));
+          }
         }
-        qp_.post_send(f.peer, slots_[f.peer], s * slot, len, post_id(f.peer, false, s));
         P.free_send.pop_back();
         ++P.sending;
         ++st[i].sent;

@@ -53,6 +53,7 @@ class Mesh {
   int depth_;
   double timeout_s_;
   std::string me_name_;
+  bool direct_;  // payload is sent from where it lies, not from a send slot
   std::vector<verbs::Buffer> slots_;  // per peer: depth receive slots, then depth send slots
   std::vector<Peer> peers_;
 };

@@ -23,6 +23,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
   ~ShmQueuePairs() override;
 
   verbs::Buffer allocate(size_t bytes) override;
+  bool sends_from_any_memory() const override { return true; }
   void post_send(int peer, const verbs::Buffer& buf, size_t off, size_t len, uint64_t id) override;
   void post_recv(int peer, const verbs::Buffer& buf, size_t off, size_t len, uint64_t id) override;
   void poll(std::vector<verbs::Completion>& done, Deadline deadline,

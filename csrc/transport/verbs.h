@@ -34,6 +34,9 @@ class QueuePairs {
   virtual ~QueuePairs() = default;
   // Registered memory for posts; valid until the queue pairs are destroyed.
   virtual Buffer allocate(size_t bytes) = 0;
+  // Whether sends may come from any memory of this process (Buffer{data, len} unregistered):
+  // true where the transport copies anyway (shared memory), so callers can skip staging.
+  virtual bool sends_from_any_memory() const { return false; }
   // len bytes at buf.data + off go to peer, landing in the oldest receive it posted for us.
   // A message longer than that receive is an error on both sides.
   virtual void post_send(int peer, const Buffer& buf, size_t off, size_t len, uint64_t id) = 0;
