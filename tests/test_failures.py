@@ -7,9 +7,12 @@ from jax_mlxdist.testing import run_ranks
 TIMEOUT = 5.0  # MLXDIST_TIMEOUT for these ranks
 
 
-@pytest.fixture(params=["tcp", "shm"])
+@pytest.fixture(params=["tcp", "shm", "jaccl"])
 def env(request):
-    """Each failure is checked on both data paths: sockets, and shared memory on one host."""
+    """Each failure is checked on every data path: the ring over sockets and over shared memory
+    on one host, and JACCL (over shared memory here)."""
+    if request.param == "jaccl":
+        return {"MLXDIST_TIMEOUT": str(TIMEOUT), "MLXDIST_BACKEND": "jaccl"}
     return {"MLXDIST_TIMEOUT": str(TIMEOUT), "MLXDIST_TRANSPORT": request.param}
 
 
