@@ -8,10 +8,8 @@
 namespace mlxdist {
 
 std::string Group::label() const {
-  std::ostringstream os;
-  os << backend() << " group " << std::hex << (id() & 0xffffff) << std::dec << " (rank " << rank()
-     << " of " << size() << ")";
-  return os.str();
+  return std::string(backend()) + " group " + hex(id() & 0xffffff) + " (rank " +
+         std::to_string(rank()) + " of " + std::to_string(size()) + ")";
 }
 
 Engine::Engine(std::shared_ptr<Group> group)

@@ -18,13 +18,32 @@ template <typename... Parts>
 
 }  // namespace mlxdist
 
+#include <cstdint>
+#include <cstdio>
 #include <sstream>
+#include <type_traits>
 
 namespace mlxdist {
+// Numbers are formatted with to_string, not the stream: in a process where another C++ runtime
+// was loaded first (JAX's CUDA plugin), inserting an integer into a stream crashed.
+template <typename T>
+decltype(auto) message_part(const T& x) {
+  if constexpr (std::is_arithmetic_v<T> && !std::is_same_v<T, char> && !std::is_same_v<T, bool>)
+    return std::to_string(x);
+  else
+    return (x);
+}
+
+inline std::string hex(uint64_t x) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "%llx", static_cast<unsigned long long>(x));
+  return buf;
+}
+
 template <typename... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
   std::ostringstream os;
-  (os << ... << parts);
+  (os << ... << message_part(parts));
   throw DistError(os.str());
 }
 }  // namespace mlxdist

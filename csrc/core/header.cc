@@ -16,11 +16,11 @@ std::string describe(const Header& h) {
     case OpCode::kBarrier: os << "barrier"; break;
     case OpCode::kSplit: os << "split"; break;
     case OpCode::kSetup: os << "group set-up"; break;
-    default: os << "op#" << int(h.op);
+    default: os << "op#" << std::to_string(int(h.op));
   }
-  os << "(" << dtype_name(h.dtype) << ", " << h.nbytes << " bytes, shape#" << std::hex
-     << (h.shape_hash & 0xffff) << std::dec << ", call #" << h.seq;
-  if (h.tag) os << ", a tangent of order " << int(h.tag);
+  os << "(" << dtype_name(h.dtype) << ", " << std::to_string(h.nbytes) << " bytes, shape#"
+     << hex(h.shape_hash & 0xffff) << ", call #" << std::to_string(h.seq);
+  if (h.tag) os << ", a tangent of order " << std::to_string(int(h.tag));
   os << ")";
   return os.str();
 }
@@ -31,8 +31,8 @@ void check_header(const Header& mine, const Header& theirs, const std::string& m
     fail("received bytes that are not a jax_mlxdist message from ", peer,
          " (stream out of step after an earlier error, or a foreign peer)");
   if (theirs.group != mine.group)
-    fail("group mismatch: ", me, " is in group ", std::hex, mine.group, " but ", peer,
-         " sent a message for group ", theirs.group);
+    fail("group mismatch: ", me, " is in group ", hex(mine.group), " but ", peer,
+         " sent a message for group ", hex(theirs.group));
   if (theirs.op != mine.op || theirs.dtype != mine.dtype || theirs.reduce != mine.reduce ||
       theirs.seq != mine.seq || theirs.tag != mine.tag || theirs.nbytes != mine.nbytes || theirs.shape_hash != mine.shape_hash)
     fail("collective mismatch: ", me, " called ", describe(mine), " but ", peer, " called ",
