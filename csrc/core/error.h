@@ -28,10 +28,16 @@ namespace mlxdist {
 // was loaded first (JAX's CUDA plugin), inserting an integer into a stream crashed.
 template <typename T>
 decltype(auto) message_part(const T& x) {
-  if constexpr (std::is_arithmetic_v<T> && !std::is_same_v<T, char> && !std::is_same_v<T, bool>)
+  if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%g", double(x));  // as the stream would: 2, 0.5, 1e+07
+    return std::string(buf);
+  } else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, char> &&
+                       !std::is_same_v<T, bool>) {
     return std::to_string(x);
-  else
+  } else {
     return (x);
+  }
 }
 
 inline std::string hex(uint64_t x) {
