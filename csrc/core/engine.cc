@@ -12,6 +12,11 @@ std::string Group::label() const {
          std::to_string(rank()) + " of " + std::to_string(size()) + ")";
 }
 
+void Group::check_peer(int peer, const char* what) const {
+  if (peer < 0 || peer >= size() || peer == rank())
+    fail("invalid ", what, " rank ", peer, " for this rank ", rank(), " of a group of size ", size());
+}
+
 Engine::Engine(std::shared_ptr<Group> group)
     : group_(std::move(group)), thread_([this] { loop(); }) {}
 

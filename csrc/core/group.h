@@ -42,6 +42,8 @@ class Group {
 
   // "group 1a2b (rank 0 of 4)" for messages.
   std::string label() const;
+  // Throws unless peer is another member (what: "destination", "source").
+  void check_peer(int peer, const char* what) const;
 };
 
 // A splitmix64 step: group ids derived the same way agree on every rank.

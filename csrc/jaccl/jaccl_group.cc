@@ -67,11 +67,6 @@ Header JacclGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint6
   return make_header(id_, op, t, r, nbytes, shape_hash, seq);
 }
 
-void JacclGroup::check_peer(int peer, const char* what) const {
-  if (peer < 0 || peer >= size() || peer == rank())
-    fail("invalid ", what, " rank ", peer, " for this rank ", rank(), " of a group of size ", size());
-}
-
 void JacclGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
                             uint64_t shape_hash) {
   if (ring_) return ring_->all_reduce(in, out, count, t, op, shape_hash);

@@ -48,7 +48,6 @@ class JacclGroup : public Group {
 
  private:
   Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq) const;
-  void check_peer(int peer, const char* what) const;
 
   std::shared_ptr<ring::RingGroup> control_;
   Options opts_;

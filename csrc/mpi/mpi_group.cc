@@ -177,7 +177,7 @@ void MpiGroup::all_gather(const void* in, void* out, size_t count, DType t, uint
 }
 
 void MpiGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
-  if (dst < 0 || dst >= size_ || dst == rank_) fail("send: invalid destination rank ", dst);
+  check_peer(dst, "destination");
   const std::string peer = "rank " + std::to_string(dst);
   Header h = header(OpCode::kSend, t, ReduceOp::kSum, count * dtype_size(t), shape_hash,
                     sent_[size_t(dst)]++);
@@ -194,7 +194,7 @@ void MpiGroup::send(const void* in, size_t count, DType t, int dst, uint64_t sha
 }
 
 void MpiGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
-  if (src < 0 || src >= size_ || src == rank_) fail("recv: invalid source rank ", src);
+  check_peer(src, "source");
   const std::string peer = "rank " + std::to_string(src);
   Header mine = header(OpCode::kSend, t, ReduceOp::kSum, count * dtype_size(t), shape_hash,
                        received_[size_t(src)]++);

@@ -156,11 +156,6 @@ void RingGroup::reduce_scatter(const void* in, void* out, size_t count, DType t,
     std::memcpy(out, mine, count * es);
 }
 
-void RingGroup::check_peer(int peer, const char* what) const {
-  if (peer < 0 || peer >= size() || peer == rank_)
-    fail("invalid ", what, " rank ", peer, " for this rank ", rank_, " of a group of size ", size());
-}
-
 void RingGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
                      int tag) {
   check_peer(dst, "destination");

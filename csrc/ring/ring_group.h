@@ -70,7 +70,6 @@ class RingGroup : public Group {
   Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq);
   // Moves the data path to shared memory when every member is on this host (and allowed).
   void try_shared_memory();
-  void check_peer(int peer, const char* what) const;
 
   uint64_t id_;
   int rank_;
