@@ -12,6 +12,8 @@
 #include "core/header.h"
 #include "core/registry.h"
 #include "mpi/mpi_group.h"
+#include "nccl/nccl_group.h"
+#include "transport/nccl_lib.h"
 #include "transport/mpi_lib.h"
 #include "transport/rendezvous.h"
 #include "ffi/handlers.h"
@@ -90,6 +92,40 @@ NB_MODULE(_C, m) {
       "Connect this rank's JACCL group (control over TCP, data over queue pairs).");
   m.def("ibverbs_available", [](const std::string& lib) {
     return ibverbs::available(lib.empty() ? "libibverbs.so.1" : lib);
+  });
+
+  m.def(
+      "init_nccl",
+      [](int rank, const std::vector<std::vector<std::string>>& hostfile,
+         const std::vector<int>& listen_fds, double timeout, const std::string& token,
+         const std::string& transport, bool verbose, const std::string& lib, int device,
+         bool check) {
+        if (!(timeout > 0) || !std::isfinite(timeout))
+          fail("init: the timeout must be a positive number of seconds, got ", timeout);
+        ring::Options ring_opts;
+        ring_opts.transport = transport;
+        ring_opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
+        ring_opts.token = token;
+        ring_opts.verbose = verbose;
+        nccl::Options opts;
+        opts.lib = lib;
+        opts.device = device;
+        opts.check = check;
+        std::shared_ptr<Group> g;
+        {
+          nb::gil_scoped_release release;
+          g = nccl::make_world(rank, hostfile, listen_fds, ring_opts, opts);
+        }
+        return add_group(std::move(g));
+      },
+      nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
+      nb::arg("token"), nb::arg("transport"), nb::arg("verbose"), nb::arg("lib"),
+      nb::arg("device"), nb::arg("check"),
+      "Connect this rank's NCCL group on CUDA device `device` (control over the TCP ring).");
+  m.def("nccl_available", [](const std::string& lib) {
+    std::string why;
+    bool ok = nccl::available(lib, &why);
+    return std::make_pair(ok, why);
   });
 
   m.def(

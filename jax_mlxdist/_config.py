@@ -315,3 +315,26 @@ def mpi_launched() -> bool:
 def mpi_library() -> str:
     """MLXDIST_MPI_LIB: the MPI library to load (default: Open MPI's libmpi.so.40)."""
     return os.environ.get("MLXDIST_MPI_LIB", "")
+
+
+def nccl_library() -> str:
+    """MLXDIST_NCCL_LIB, else the nvidia-nccl-cu13/cu12 wheel's libnccl.so.2, else "" (the
+    system's, by the library path)."""
+    path = os.environ.get("MLXDIST_NCCL_LIB", "")
+    if path:
+        return path
+    try:
+        import nvidia.nccl  # the wheels' namespace package
+    except ImportError:
+        return ""
+    for root in getattr(nvidia.nccl, "__path__", []):
+        candidate = os.path.join(root, "lib", "libnccl.so.2")
+        if os.path.exists(candidate):
+            return candidate
+    return ""
+
+
+def nccl_check() -> bool:
+    """MLXDIST_NCCL_CHECK=0 skips the per-op header agreement over the control ring (less
+    latency for small ops; mismatched ops across ranks then stall until MLXDIST_TIMEOUT)."""
+    return os.environ.get("MLXDIST_NCCL_CHECK", "1") not in ("0", "false", "no")

@@ -17,7 +17,8 @@ import jax
 from jax_mlxdist import _C
 from jax_mlxdist._config import (coordinator_config, default_backend, ibverbs_library,
                                  jaccl_config, jaccl_ring, jaccl_transport, mpi_launched,
-                                 mpi_library, ring_config, timeout, transport)
+                                 mpi_library, nccl_check, nccl_library, ring_config, timeout,
+                                 transport)
 from jax_mlxdist._errors import DistributedError
 
 BACKENDS = ("any", "ring", "mpi", "jaccl", "nccl")
@@ -138,6 +139,8 @@ def is_available(backend: str = "any") -> bool:
     _check_backend(backend)
     if backend == "mpi":
         return _C.mpi_available(mpi_library())[0]
+    if backend == "nccl":
+        return _nccl_device()[0] is not None and _C.nccl_available(nccl_library())[0]
     return backend in ("any", "ring", "jaccl")  # jaccl: shared memory needs nothing else
 
 
@@ -160,8 +163,8 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     if backend == "mpi" or (backend == "any" and _mpi_by_default()):
         _world = _join_mpi(strict)
         return _world
-    config = ring_config() if backend in ("any", "ring") else None
-    meet = coordinator_config() if config is None and backend in ("any", "ring") else None
+    config = ring_config() if backend in ("any", "ring", "nccl") else None
+    meet = coordinator_config() if config is None and backend in ("any", "ring", "nccl") else None
     if config is None and meet is None:
         if strict:
             raise DistributedError(
@@ -170,7 +173,7 @@ def init(strict: bool = False, backend: str = "any") -> Group:
                 "MLXDIST_COORDINATOR with MLXDIST_RANK and MLXDIST_WORLD_SIZE")
         _world = Group(None, 0, 1, "ring" if backend == "any" else backend)
         return _world
-    _world = _connect(config, meet)
+    _world = _connect(config, meet, "nccl" if backend == "nccl" else "ring")
     _tell_launcher()
     return _world
 
@@ -202,6 +205,12 @@ def _connect(config, meet, backend: str = "ring", devices: list[str] | None = No
     token = os.environ.get("MLXDIST_TOKEN", "")
     rank = config[0] if config else meet.rank
     try:
+        try:  # checked before connecting, so no peer waits on a rank that cannot join
+            nccl = _nccl_setup() if backend == "nccl" else None
+        except DistributedError:
+            if meet:
+                meet.done()
+            raise
         if config:
             hosts, fds = config[1], config[2]
         else:  # every rank's address, gathered by rank 0
@@ -214,7 +223,10 @@ def _connect(config, meet, backend: str = "ring", devices: list[str] | None = No
             finally:
                 meet.done()
             hosts, fds = [[a] for a in table], []
-        if backend == "jaccl":
+        if backend == "nccl":
+            handle = _call(_C.init_nccl, rank, hosts, fds, timeout(), token, transport(),
+                           verbose, *nccl, nccl_check())
+        elif backend == "jaccl":
             handle = _call(_C.init_jaccl, rank, hosts, fds, timeout(), token, verbose,
                            jaccl_transport(), devices or [], ibverbs_library(), jaccl_ring())
         else:
@@ -222,6 +234,31 @@ def _connect(config, meet, backend: str = "ring", devices: list[str] | None = No
     except DistributedError as e:  # say which step failed: connecting, not a collective
         raise DistributedError(f"init (rank {rank} of {size}): {e}") from None
     return Group(handle, rank, size, backend)
+
+
+def _nccl_device():
+    """(this process's first CUDA device as JAX numbers it, why not). Asking JAX first also
+    starts its CUDA backend before NCCL, which then shares the device's context."""
+    try:
+        gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+    except RuntimeError as e:
+        return None, str(e)
+    if not gpus:
+        return None, f"JAX sees no CUDA GPU here (its devices: {jax.local_devices()})"
+    return gpus[0].local_hardware_id, ""
+
+
+def _nccl_setup() -> tuple[str, int]:
+    """(NCCL library, CUDA device) for this rank, or DistributedError saying what is missing."""
+    device, why = _nccl_device()
+    if device is None:
+        raise DistributedError(f"backend 'nccl' needs arrays on a CUDA GPU: {why}. Use the "
+                               "ring backend for CPU arrays")
+    lib = nccl_library()
+    ok, why = _C.nccl_available(lib)
+    if not ok:
+        raise DistributedError(f"backend 'nccl': {why}")
+    return lib, device
 
 
 def _mpi_by_default() -> bool:

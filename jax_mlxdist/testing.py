@@ -22,7 +22,9 @@ from typing import Any
 
 import cloudpickle
 
-from jax_mlxdist.launch.local import LocalRanks
+from jax_mlxdist.launch.local import LocalRanks, gpu_env
+
+BACKENDS = ("ring", "jaccl", "nccl", "mpi")
 
 OUTPUT_TAIL = 40  # lines of each rank's output quoted in a failure report
 
@@ -59,19 +61,20 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
     """fn(*args, **kwargs) on n ranks; returns the per-rank results in rank order.
 
     backend: "ring" (default; ranks configured by a hostfile), "jaccl" (the same hostfile,
-    init() picking JACCL over shared memory) or "mpi" (the ranks started by Open MPI's mpirun,
-    init() picking the MPI backend); MLXDIST_TEST_BACKEND sets the default.
+    init() picking JACCL over shared memory), "nccl" (the same hostfile, JAX on CUDA, one GPU
+    per rank round-robin unless env sets CUDA_VISIBLE_DEVICES) or "mpi" (the ranks started by
+    Open MPI's mpirun, init() picking the MPI backend); MLXDIST_TEST_BACKEND sets the default.
     """
     backend = backend or os.environ.get("MLXDIST_TEST_BACKEND", "") or "ring"
-    if backend not in ("ring", "jaccl", "mpi"):
-        raise ValueError(f"run_ranks: backend must be 'ring', 'jaccl' or 'mpi', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"run_ranks: backend must be one of {BACKENDS}, got {backend!r}")
     for f in (fn, *args):  # functions passed along (a test body, say) travel by value too
         if callable(f):
             _by_value(f)
     base_env = dict(os.environ)
-    base_env.setdefault("JAX_PLATFORMS", "cpu")
-    if backend == "jaccl":
-        base_env["MLXDIST_BACKEND"] = "jaccl"
+    base_env.setdefault("JAX_PLATFORMS", "cuda" if backend == "nccl" else "cpu")
+    if backend in ("jaccl", "nccl"):
+        base_env["MLXDIST_BACKEND"] = backend
     base_env.update(env or {})
     with tempfile.TemporaryDirectory(prefix="mlxdist-ranks-") as tmp:
         payload = os.path.join(tmp, "payload.pkl")
@@ -84,19 +87,21 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
         if backend == "mpi":
             procs, hung = _under_mpirun(n, worker, tmp, base_env, timeout)
         else:
+            gpus = backend == "nccl" and "CUDA_VISIBLE_DEVICES" not in (env or {})
             procs, hung = _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout,
-                                           connections_per_rank)
+                                           connections_per_rank, gpus)
         return _collect(procs, outputs, result_paths, hung, timeout)
 
 
-def _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout, connections):
+def _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout, connections, gpus):
     procs = []
     with LocalRanks(n, connections) as ranks:
         try:
             for r in range(n):
                 with open(outputs[r], "wb") as out:
                     procs.append(subprocess.Popen(
-                        [*worker, result_paths[r]], env={**base_env, **ranks.env_for(r)},
+                        [*worker, result_paths[r]],
+                        env={**base_env, **ranks.env_for(r), **(gpu_env(r) if gpus else {})},
                         stdout=out, stderr=subprocess.STDOUT, pass_fds=ranks.pass_fds_for(r),
                         start_new_session=True))
             ranks.close_sockets()  # the ranks hold their own copies of the listening sockets

@@ -1,6 +1,8 @@
-// FFI handlers for arrays on CUDA GPUs, over any backend that moves host memory (ring, MPI):
-// the input is copied to pinned host memory on XLA's stream, the op runs on the group's engine,
-// and the result is copied back on the same stream. Pinned buffers persist per group.
+// FFI handlers for arrays on CUDA GPUs. On an NCCL group the op is enqueued on XLA's stream
+// (nccl/nccl_group.h). Otherwise, over any backend that moves host memory (ring, JACCL, MPI,
+// and NCCL for what it lacks): the input is copied to pinned host memory on XLA's stream, the op
+// runs on the group's engine, and the result is copied back on the same stream. Pinned buffers
+// persist per group.
 #include <functional>
 #include <map>
 #include <memory>
@@ -11,6 +13,7 @@
 #include "ffi/decode.h"
 #include "ffi/handlers.h"
 #include "gpu/cuda_runtime.h"
+#include "nccl/nccl_group.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,6 +37,29 @@ std::shared_ptr<Staging> staging(int64_t group) {
 }
 
 using Work = std::function<void(Group&, void* host_in, void* host_out)>;
+
+ffi::Error error(const std::exception& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string(kPrefix) + e.what());
+}
+
+// The group's NCCL communicator when it has one and NCCL runs this dtype/op itself.
+std::shared_ptr<nccl::NcclGroup> nccl_for(int64_t group, DType t, ReduceOp op = ReduceOp::kSum) {
+  auto engine = find_engine(group);
+  auto g = engine ? std::dynamic_pointer_cast<nccl::NcclGroup>(engine->group_ptr()) : nullptr;
+  return g && nccl::NcclGroup::native(t, op) ? g : nullptr;
+}
+
+// Runs an enqueue on an NCCL group, naming the op and group in errors as the engine does.
+template <typename Enqueue>
+ffi::Error on_stream(const std::shared_ptr<nccl::NcclGroup>& g, const std::string& what, Enqueue&& enqueue) {
+  try {
+    enqueue(*g);
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string(kPrefix) + what + " on " + g->label() + ": " + e.what());
+  }
+}
 
 // in_bytes of d_in go to the host, work runs, out_bytes come back to d_out. in_place: the
 // result is written over the staged input (one pinned buffer).
@@ -59,7 +85,7 @@ ffi::Error staged(void* stream, int64_t group, const std::string& what, const vo
     }
     return ffi::Error::Success();
   } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string(kPrefix) + e.what());
+    return error(e);
   }
 }
 
@@ -74,6 +100,10 @@ ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi
   if (t == DType::kCount) return bad_dtype(what);
   size_t count = x.element_count(), bytes = x.size_bytes();
   uint64_t h = shape_hash(x.dimensions());
+  if (auto g = nccl_for(group, t, ReduceOp(reduce)))
+    return on_stream(g, what, [&](nccl::NcclGroup& n) {
+      n.all_reduce_on(stream, x.untyped_data(), y->untyped_data(), count, t, ReduceOp(reduce), h);
+    });
   return staged(stream, group, what, x.untyped_data(), bytes, y->untyped_data(), bytes, true,
                 [=](Group& g, void* in, void* out) { g.all_reduce(in, out, count, t, ReduceOp(reduce), h); });
 }
@@ -84,6 +114,10 @@ ffi::Error AllGather(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi
   if (t == DType::kCount) return bad_dtype("all_gather");
   size_t count = x.element_count();
   uint64_t h = shape_hash(x.dimensions());
+  if (auto g = nccl_for(group, DType::kUInt8))  // bytes: any dtype
+    return on_stream(g, "all_gather", [&](nccl::NcclGroup& n) {
+      n.all_gather_on(stream, x.untyped_data(), y->untyped_data(), count, t, h);
+    });
   return staged(stream, group, "all_gather", x.untyped_data(), x.size_bytes(), y->untyped_data(),
                 y->size_bytes(), false,
                 [=](Group& g, void* in, void* out) { g.all_gather(in, out, count, t, h); });
@@ -95,6 +129,10 @@ ffi::Error SumScatter(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ff
   if (t == DType::kCount) return bad_dtype("sum_scatter");
   size_t count = y->element_count();
   uint64_t h = shape_hash(x.dimensions());
+  if (auto g = nccl_for(group, t))
+    return on_stream(g, "sum_scatter", [&](nccl::NcclGroup& n) {
+      n.reduce_scatter_on(stream, x.untyped_data(), y->untyped_data(), count, t, ReduceOp::kSum, h);
+    });
   return staged(stream, group, "sum_scatter", x.untyped_data(), x.size_bytes(), y->untyped_data(),
                 y->size_bytes(), false, [=](Group& g, void* in, void* out) {
                   g.reduce_scatter(in, out, count, t, ReduceOp::kSum, h);
@@ -108,7 +146,12 @@ ffi::Error Send(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::Any
   if (t == DType::kCount) return bad_dtype("send");
   size_t count = x.element_count();
   uint64_t h = shape_hash(x.dimensions());
-  return staged(stream, group, "send to rank " + std::to_string(dst), x.untyped_data(),
+  const std::string what = "send to rank " + std::to_string(dst);
+  if (auto g = nccl_for(group, DType::kUInt8))  // bytes: any dtype
+    return on_stream(g, what, [&](nccl::NcclGroup& n) {
+      n.send_on(stream, x.untyped_data(), count, t, int(dst), h, int(tag));
+    });
+  return staged(stream, group, what, x.untyped_data(),
                 x.size_bytes(), nullptr, 0, false,
                 [=](Group& g, void* in, void*) { g.send(in, count, t, int(dst), h, int(tag)); });
 }
@@ -119,7 +162,12 @@ ffi::Error Recv(void* stream, ffi::Token, ffi::Result<ffi::AnyBuffer> y, ffi::Re
   if (t == DType::kCount) return bad_dtype("recv");
   size_t count = y->element_count();
   uint64_t h = shape_hash(y->dimensions());
-  return staged(stream, group, "recv from rank " + std::to_string(src), nullptr, 0,
+  const std::string what = "recv from rank " + std::to_string(src);
+  if (auto g = nccl_for(group, DType::kUInt8))
+    return on_stream(g, what, [&](nccl::NcclGroup& n) {
+      n.recv_on(stream, y->untyped_data(), count, t, int(src), h, int(tag));
+    });
+  return staged(stream, group, what, nullptr, 0,
                 y->untyped_data(), y->size_bytes(), false,
                 [=](Group& g, void*, void* out) { g.recv(out, count, t, int(src), h, int(tag)); });
 }

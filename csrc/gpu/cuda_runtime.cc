@@ -39,6 +39,14 @@ Cuda& cuda() {
       bind(h, "cudaMallocHost", lib.MallocHost);
       bind(h, "cudaFreeHost", lib.FreeHost);
       bind(h, "cudaGetErrorString", lib.GetErrorString);
+      bind(h, "cudaMalloc", lib.Malloc);
+      bind(h, "cudaFree", lib.Free);
+      bind(h, "cudaSetDevice", lib.SetDevice);
+      bind(h, "cudaDeviceGetPCIBusId", lib.DeviceGetPCIBusId);
+      bind(h, "cudaEventCreateWithFlags", lib.EventCreateWithFlags);
+      bind(h, "cudaEventRecord", lib.EventRecord);
+      bind(h, "cudaEventQuery", lib.EventQuery);
+      bind(h, "cudaEventDestroy", lib.EventDestroy);
     } catch (const DistError& e) {
       error = e.what();
     }

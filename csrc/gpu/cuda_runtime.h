@@ -12,9 +12,19 @@ struct Cuda {
   int (*MallocHost)(void** ptr, size_t bytes);
   int (*FreeHost)(void* ptr);
   const char* (*GetErrorString)(int err);
+  int (*Malloc)(void** ptr, size_t bytes);
+  int (*Free)(void* ptr);
+  int (*SetDevice)(int device);
+  int (*DeviceGetPCIBusId)(char* id, int len, int device);
+  int (*EventCreateWithFlags)(void** event, unsigned flags);
+  int (*EventRecord)(void* event, void* stream);
+  int (*EventQuery)(void* event);  // 0: done, kNotReady: pending
+  int (*EventDestroy)(void* event);
 };
 
 constexpr int kHostToDevice = 1, kDeviceToHost = 2;
+constexpr int kNotReady = 600;            // cudaErrorNotReady
+constexpr unsigned kDisableTiming = 2;     // cudaEventDisableTiming
 
 // Throws DistError when no CUDA runtime can be loaded.
 Cuda& cuda();

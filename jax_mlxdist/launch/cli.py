@@ -15,9 +15,9 @@ import sys
 
 from jax_mlxdist._config import timeout
 from jax_mlxdist.launch import hostfile, ranks
-from jax_mlxdist.launch.local import LocalRanks
+from jax_mlxdist.launch.local import LocalRanks, gpu_env
 
-BACKENDS = ("ring", "any")
+BACKENDS = ("ring", "any", "nccl")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="ranks per host (each host repeated n times)")
     p.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts, one rank each")
     p.add_argument("--hostfile", help="MLX launcher hostfile (JSON)")
-    p.add_argument("--backend", help="ring (default) or any")
+    p.add_argument("--backend", help="ring (default), any, or nccl (one GPU per rank)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for every rank (repeatable)")
     p.add_argument("--cwd", help="working directory of the ranks")
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = opts.backend or plan.backend or "ring"
     if backend not in BACKENDS:
         parser.error(f"--backend {backend!r}: this launcher starts {' or '.join(BACKENDS)} jobs")
+    if backend == "nccl":
+        extra["MLXDIST_BACKEND"] = "nccl"
     if opts.verbose:
         extra["MLX_RING_VERBOSE"] = "1"
     # The job's secret: every connection between its ranks proves it (MLXDIST_TOKEN).
@@ -122,6 +124,8 @@ def _start_here(plan, opts, extra, command, out, started) -> LocalRanks:
     ready_r, ready_w = os.pipe()
     for r in range(len(ips)):
         env = {**os.environ, **local.env_for(r), **extra, "MLXDIST_READY_FD": str(ready_w)}
+        if extra.get("MLXDIST_BACKEND") == "nccl":
+            env.update(gpu_env(r))
         rank = ranks.start_local(r, command, env, opts.cwd, (*local.pass_fds_for(r), ready_w))
         started.append(rank)
         rank.pump(out)
@@ -139,6 +143,8 @@ def _start_over_ssh(plan, opts, extra, command, out, started) -> None:
     base = {**extra, "MLXDIST_WORLD_SIZE": str(len(plan.hosts))}
     for r, host in enumerate(plan.hosts):
         env = {**base, "MLXDIST_RANK": str(r)}
+        if base.get("MLXDIST_BACKEND") == "nccl":  # the k-th rank on a host takes its GPU k
+            env["CUDA_VISIBLE_DEVICES"] = str(sum(h == host for h in plan.hosts[:r]))
         if r > 0:
             env["MLXDIST_COORDINATOR"] = started[0].coordinator
         listen = f"{coordinator_ip}:{opts.starting_port}" if r == 0 else None

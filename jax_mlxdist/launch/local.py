@@ -78,3 +78,28 @@ class LocalRanks:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def gpu_env(rank: int) -> dict[str, str]:
+    """One GPU per local rank (the NCCL backend needs it): rank r sees the r-th of this
+    process's visible GPUs, round-robin; empty when no GPU is found."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
+        gpus = [str(i) for i in range(gpu_count())]
+    return {"CUDA_VISIBLE_DEVICES": gpus[rank % len(gpus)]} if gpus else {}
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs on this host, by nvidia-smi (0 without one)."""
+    import shutil
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())

@@ -1,0 +1,114 @@
+// The NCCL backend: collectives and point-to-point on CUDA arrays, enqueued by NCCL on XLA's
+// stream with no host synchronisation. A TCP ring group of the same ranks is its control
+// channel: it hands out NCCL's unique id at start-up, checks that every rank calls the same op
+// (headers, as the other backends do), and runs what NCCL lacks (16-bit integers, complex
+// max/min/prod, arrays in host memory) on staged host buffers. A watchdog thread turns a
+// stalled or failed op into a DistError and aborts the communicator, so peers never wait forever.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/group.h"
+#include "core/header.h"
+#include "ring/ring_group.h"
+#include "transport/nccl_lib.h"
+
+namespace mlxdist::nccl {
+
+struct Options {
+  std::string lib;    // MLXDIST_NCCL_LIB, or "" for libnccl.so.2
+  int device = 0;     // this rank's CUDA device (ordinal)
+  bool check = true;  // MLXDIST_NCCL_CHECK: agree on each op's header before NCCL runs it
+};
+
+class NcclGroup : public Group {
+ public:
+  NcclGroup(std::shared_ptr<ring::RingGroup> control, Comm comm, Options opts);
+  ~NcclGroup() override;
+
+  int rank() const override { return control_->rank(); }
+  int size() const override { return control_->size(); }
+  uint64_t id() const override { return id_; }
+  const char* backend() const override { return "nccl"; }
+
+  // Host memory: through the control ring (CPU arrays, and dtypes NCCL lacks).
+  void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                  uint64_t shape_hash) override;
+  void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) override;
+  void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
+                      uint64_t shape_hash) override;
+  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
+            int tag) override;
+  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
+  void barrier() override;
+  std::shared_ptr<Group> split(int color, int key) override;
+  void abort() override;
+  void close() override;
+
+  // Whether NCCL reduces dtype t with op itself (else the caller stages through host memory).
+  static bool native(DType t, ReduceOp op);
+  // Device memory, enqueued on stream. Called from XLA's threads, one op at a time per group.
+  void all_reduce_on(void* stream, const void* in, void* out, size_t count, DType t, ReduceOp op,
+                     uint64_t shape_hash);
+  void all_gather_on(void* stream, const void* in, void* out, size_t count, DType t,
+                     uint64_t shape_hash);
+  void reduce_scatter_on(void* stream, const void* in, void* out, size_t count, DType t,
+                         ReduceOp op, uint64_t shape_hash);
+  void send_on(void* stream, const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
+               int tag);
+  void recv_on(void* stream, void* out, size_t count, DType t, int src, uint64_t shape_hash,
+               int tag);
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Pending {
+    void* event;
+    std::string what;
+    Clock::time_point since;
+  };
+
+  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
+                uint64_t seq) const;
+  // Every member's header for this collective must match (when checking).
+  void agree(const Header& mine);
+  // Runs an NCCL call that enqueues on stream, then watches it until the stream passes it.
+  template <typename Call>
+  void enqueue(void* stream, const Header& h, const char* call, Call&& nccl_call);
+  void watch();
+  void fail_locked(const std::string& why);  // mu_ held: records why, aborts everything
+  void throw_if_failed_locked() const;
+
+  std::shared_ptr<ring::RingGroup> control_;
+  Lib& lib_;
+  Options opts_;
+  uint64_t id_;
+  double timeout_s_;
+  uint64_t seq_ = 0;
+  std::vector<uint64_t> sent_, received_;
+
+  std::mutex ops_mu_;  // one op at a time: header agreement, then the NCCL call
+  std::mutex mu_;      // comm_, pending_, failure_ (shared with the watchdog)
+  std::condition_variable cv_;
+  Comm comm_;
+  bool destroyed_ = false;
+  std::deque<Pending> pending_;
+  std::vector<void*> free_events_;
+  std::string failure_;
+  bool stop_ = false;
+  std::thread watchdog_;
+};
+
+// The world: a TCP control ring from the ring's configuration (hostfile or coordinator
+// table), then an NCCL communicator on opts.device with the unique id rank 0 hands out.
+std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,
+                                  const std::vector<int>& listen_fds, ring::Options ring_opts,
+                                  Options opts);
+
+}  // namespace mlxdist::nccl
