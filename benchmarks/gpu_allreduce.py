@@ -1,11 +1,14 @@
-"""all_sum on GPU arrays: the ring backend staged through pinned host memory, and JAX's own
-shard_map(psum) on the same GPUs (one process, all of them), side by side.
+"""all_sum on GPU arrays, one process per GPU: our NCCL backend, our ring backend staged through
+pinned host memory, and JAX's own shard_map(psum) on the same GPUs (one process, all of them),
+side by side.
 
     python benchmarks/gpu_allreduce.py -n 2                       # 4 B .. 1 GiB
-    python benchmarks/gpu_allreduce.py -n 2 --sizes 4 1M 256M --impls ring jax
+    python benchmarks/gpu_allreduce.py -n 2 --sizes 4 1M 256M --impls nccl jax --ops 10
 
-Per size: chained jitted calls, median of batches, slowest rank; bus bandwidth 2(n-1)/n x
-bytes / time. NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+Per size: chained jitted calls, each running --ops all-reduces in a row (1: one op per call, so
+JAX's per-call dispatch counts; 10: the steady state inside a compiled step); median of batches,
+slowest rank; time per all-reduce and bus bandwidth 2(n-1)/n x bytes / time. NVLink multicast
+stays off (NCCL_NVLS_ENABLE=0).
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ def iterations(nbytes: int) -> int:
     return max(3, min(200, (4 << 30) // max(nbytes, 1) // 16))
 
 
-def time_fn(step, x, nbytes, barrier, batches=5):
+def repeated(op, ops):
+    """One jitted call running op ops times in a row (x -> op(x) / n keeps values bounded)."""
+    import jax
+    return jax.jit(lambda x: jax.lax.fori_loop(0, ops, lambda _, y: op(y), x), donate_argnums=0)
+
+
+def time_fn(step, x, nbytes, barrier, ops, batches=5):
     import time
     x = step(x).block_until_ready()
     times = []
@@ -41,20 +50,20 @@ def time_fn(step, x, nbytes, barrier, batches=5):
         for _ in range(iterations(nbytes)):
             x = step(x)
         x.block_until_ready()
-        times.append((time.perf_counter() - t) / iterations(nbytes))
+        times.append((time.perf_counter() - t) / iterations(nbytes) / ops)
     return statistics.median(times)
 
 
-def ours(backend, sizes):
-    import jax
+def ours(backend, sizes, ops):
     import jax.numpy as jnp
     import jax_mlxdist as dist
     g = dist.init(strict=True, backend=backend)
-    step = jax.jit(lambda x: dist.all_sum(x) * (1.0 / g.size()), donate_argnums=0)
+    assert g.backend == backend
+    step = repeated(lambda x: dist.all_sum(x) * (1.0 / g.size()), ops)
     out = {}
     for nbytes in sizes:
         x = jnp.ones((max(1, nbytes // 4),), jnp.float32)
-        out[nbytes] = time_fn(step, x, nbytes, dist.barrier)
+        out[nbytes] = time_fn(step, x, nbytes, dist.barrier, ops)
         assert float(step(jnp.ones(4, jnp.float32))[0]) == 1.0
     return out
 
@@ -64,23 +73,23 @@ import json, sys, statistics, time
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 sys.path.insert(0, {here!r})
-from gpu_allreduce import time_fn
-n, sizes = {n}, {sizes}
+from gpu_allreduce import repeated, time_fn
+n, sizes, ops = {n}, {sizes}, {ops}
 mesh = Mesh(jax.devices()[:n], ("x",))
 shard = getattr(jax, "shard_map", None) or __import__("jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
-f = jax.jit(shard(lambda x: jax.lax.psum(x, "x") * (1.0 / n), mesh=mesh, in_specs=P("x"), out_specs=P("x")),
-            donate_argnums=0)
+psum = shard(lambda x: jax.lax.psum(x, "x") * (1.0 / n), mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+f = repeated(psum, ops)
 out = {{}}
 for nbytes in sizes:
     x = jax.device_put(jnp.ones((n * max(1, nbytes // 4),), jnp.float32), NamedSharding(mesh, P("x")))
-    out[nbytes] = time_fn(f, x, nbytes, lambda: None)
+    out[nbytes] = time_fn(f, x, nbytes, lambda: None, ops)
 print(json.dumps(out))
 """
 
 
-def jax_psum(n, sizes):
+def jax_psum(n, sizes, ops):
     here = os.path.dirname(os.path.abspath(__file__))
-    code = JAX_PSUM.format(here=here, n=n, sizes=sizes)
+    code = JAX_PSUM.format(here=here, n=n, sizes=sizes, ops=ops)
     done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                           env={**os.environ, **ENV}, check=True)
     import json
@@ -91,28 +100,35 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=2)
     p.add_argument("--sizes", nargs="+", default=SIZES)
-    p.add_argument("--impls", nargs="+", default=["ring", "jax"], choices=["ring", "jax"])
+    p.add_argument("--impls", nargs="+", default=["nccl", "ring", "jax"],
+                   choices=["nccl", "ring", "jax"])
+    p.add_argument("--ops", type=int, nargs="+", default=[1, 10],
+                   help="all-reduces per jitted call (one table each)")
     args = p.parse_args()
     sizes = [parse_size(s) for s in args.sizes]
-    results = {}
-    for impl in args.impls:
-        if impl == "jax":
-            results[impl] = jax_psum(args.n, sizes)
-            continue
-        per_rank = run_ranks(ours, args.n, args=(impl, sizes), env=ENV, timeout=1800)
-        results[impl] = {s: max(r[s] for r in per_rank) for s in sizes}
-    labels = {"ring": "ours, ring (staged)", "jax": "JAX shard_map(psum)"}
-    print(f"all_sum on {args.n} GPUs: time / bus GB/s (slowest rank, median)")
-    print("| size | " + " | ".join(labels[i] for i in args.impls) + " | ours / JAX (time) |")
-    print("| --- " * (len(args.impls) + 2) + "|")
-    for s in sizes:
-        cells = []
-        for i in args.impls:
-            t = results[i][s]
-            cells.append(f"{t * 1e6:.0f} us / {2 * (args.n - 1) / args.n * s / t / 1e9:.2f}")
-        ratio = (f"{results['ring'][s] / results['jax'][s]:.1f}" if "jax" in results and "ring" in results
-                 else "-")
-        print(f"| {args.sizes[sizes.index(s)]} | " + " | ".join(cells) + f" | {ratio} |")
+    labels = {"nccl": "ours, nccl", "ring": "ours, ring (staged)", "jax": "JAX shard_map(psum)"}
+    for ops in args.ops:
+        results = {}
+        for impl in args.impls:
+            if impl == "jax":
+                results[impl] = jax_psum(args.n, sizes, ops)
+                continue
+            per_rank = run_ranks(ours, args.n, args=(impl, sizes, ops), env=ENV, timeout=1800,
+                                 backend=impl)
+            results[impl] = {s: max(r[s] for r in per_rank) for s in sizes}
+        ratios = [i for i in ("nccl", "ring") if i in results] if "jax" in results else []
+        print(f"\nall_sum on {args.n} GPUs, {ops} per jitted call: time per all_sum / bus GB/s "
+              "(slowest rank, median)")
+        print("| size | " + " | ".join(labels[i] for i in args.impls) + " | " +
+              "".join(f"{i} / JAX (time) | " for i in ratios))
+        print("| --- " * (len(args.impls) + len(ratios) + 1) + "|")
+        for s in sizes:
+            cells = []
+            for i in args.impls:
+                t = results[i][s]
+                cells.append(f"{t * 1e6:.0f} us / {2 * (args.n - 1) / args.n * s / t / 1e9:.2f}")
+            cells += [f"{results[i][s] / results['jax'][s]:.2f}" for i in ratios]
+            print(f"| {args.sizes[sizes.index(s)]} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,10 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
     """fn(*args, **kwargs) on n ranks; returns the per-rank results in rank order.
 
     backend: "ring" (default; ranks configured by a hostfile), "jaccl" (the same hostfile,
-    init() picking JACCL over shared memory), "nccl" (the same hostfile, JAX on CUDA, one GPU
-    per rank round-robin unless env sets CUDA_VISIBLE_DEVICES) or "mpi" (the ranks started by
-    Open MPI's mpirun, init() picking the MPI backend); MLXDIST_TEST_BACKEND sets the default.
+    init() picking JACCL over shared memory), "nccl" (the same hostfile, JAX on CUDA) or "mpi"
+    (the ranks started by Open MPI's mpirun, init() picking the MPI backend);
+    MLXDIST_TEST_BACKEND sets the default. Ranks running JAX on CUDA get one GPU each,
+    round-robin, unless env sets CUDA_VISIBLE_DEVICES.
     """
     backend = backend or os.environ.get("MLXDIST_TEST_BACKEND", "") or "ring"
     if backend not in BACKENDS:
@@ -87,7 +88,9 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
         if backend == "mpi":
             procs, hung = _under_mpirun(n, worker, tmp, base_env, timeout)
         else:
-            gpus = backend == "nccl" and "CUDA_VISIBLE_DEVICES" not in (env or {})
+            # Ranks on CUDA get a GPU each, round-robin (several share one when there are fewer).
+            gpus = ("cuda" in base_env["JAX_PLATFORMS"]
+                    and "CUDA_VISIBLE_DEVICES" not in (env or {}))
             procs, hung = _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout,
                                            connections_per_rank, gpus)
         return _collect(procs, outputs, result_paths, hung, timeout)

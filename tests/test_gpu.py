@@ -1,5 +1,6 @@
-"""Collectives on CUDA arrays (staged through pinned host memory) with real subprocess ranks.
-Runs where JAX has a CUDA backend; the ranks may share one GPU."""
+"""Collectives on CUDA arrays with real subprocess ranks: the ring backend staged through pinned
+host memory (its ranks may share a GPU) and NCCL (one GPU per rank). The last tests check the
+NCCL backend's errors, on any machine."""
 
 import importlib.util
 import shutil
@@ -7,13 +8,18 @@ import shutil
 import numpy as np
 import pytest
 
-from jax_mlxdist.testing import run_ranks
+from jax_mlxdist.launch.local import gpu_count
+from jax_mlxdist.testing import RanksFailed, run_ranks
 
 HAVE_CUDA = shutil.which("nvidia-smi") is not None and any(
     importlib.util.find_spec(m) for m in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins"))
-pytestmark = pytest.mark.skipif(not HAVE_CUDA, reason="needs an NVIDIA GPU and JAX with CUDA")
+GPUS = gpu_count() if HAVE_CUDA else 0
+needs_gpu = pytest.mark.skipif(not HAVE_CUDA, reason="needs an NVIDIA GPU and JAX with CUDA")
+needs_two_gpus = pytest.mark.skipif(
+    GPUS < 2, reason=f"NCCL needs a GPU per rank: 2 ranks, {GPUS} GPU(s) here")
 GPU_ENV = {"JAX_PLATFORMS": "cuda", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2", "NCCL_NVLS_ENABLE": "0"}
+BACKENDS = [pytest.param("ring", marks=needs_gpu), pytest.param("nccl", marks=needs_two_gpus)]
 
 
 def body_ops():
@@ -31,27 +37,114 @@ def body_ops():
         gathered = dist.all_gather(x)
         scattered = dist.sum_scatter(jnp.tile(x, n))
         m = dist.all_max(x.astype(jnp.bfloat16))
-        return s, gathered, scattered, m
+        lo = dist.all_min(x.astype(jnp.int16))             # NCCL lacks int16: staged
+        p = dist.all_prod(x.astype(jnp.int32) + 1)
+        c = dist.all_sum(x.astype(jnp.complex64) * (1 + 1j))  # float32 pairs on NCCL
+        any_ = dist.all_max(x > 4.5)                         # bool: OR
+        return s, gathered, scattered, m, lo, p, c, any_
 
-    s, gathered, scattered, m = step(x)
-    assert s.devices().pop().platform == "gpu"
+    out = step(x)
+    assert out[0].devices().pop().platform == "gpu"
+    big = dist.all_sum(jnp.full((3 << 20) + 5, r + 1.0))    # above one 4 MiB staging chunk
     nxt = dist.send(x * 2, (r + 1) % n) if r % 2 == 0 else None
     got = dist.recv_like(x, (r - 1) % n)
     if r % 2:
         dist.send(x * 2, (r + 1) % n)
     grad = jax.grad(lambda w: dist.all_sum(w * (r + 1), vjp="all_sum").sum())(jnp.ones(3))
+    sub = g.split(r % 2)                                    # each rank alone when n == 2
+    alone = dist.all_sum(x, group=sub)
+    dist.barrier()
     del nxt
-    return [np.asarray(a) for a in (s, gathered, scattered, m.astype(jnp.float32), got, grad)]
+    big_ok = bool((big == n * (n + 1) / 2).all())
+    return [np.asarray(a) for a in (*out, got, grad, alone)] + [big_ok, g.backend]
 
 
-@pytest.mark.parametrize("n", [2])
-def test_ops_on_gpu_arrays(n):
-    results = run_ranks(body_ops, n, env=GPU_ENV, timeout=300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_on_gpu_arrays(backend):
+    n = 2
+    results = run_ranks(body_ops, n, env=GPU_ENV, timeout=300, backend=backend)
     base = np.arange(6, dtype=np.float32)
-    for r, (s, gathered, scattered, m, got, grad) in enumerate(results):
-        np.testing.assert_array_equal(s, sum(base + k for k in range(n)))
-        np.testing.assert_array_equal(gathered, np.concatenate([base + k for k in range(n)]))
-        np.testing.assert_array_equal(scattered, sum(base + k for k in range(n)))
+    every = [base + k for k in range(n)]
+    for r, (s, gathered, scattered, m, lo, p, c, any_, got, grad, alone, big_ok, used) in \
+            enumerate(results):
+        assert used == backend
+        np.testing.assert_array_equal(s, sum(every))
+        np.testing.assert_array_equal(gathered, np.concatenate(every))
+        np.testing.assert_array_equal(scattered, sum(every))
         np.testing.assert_array_equal(m, base + n - 1)
+        np.testing.assert_array_equal(lo, base.astype(np.int16))
+        np.testing.assert_array_equal(p, np.prod([e.astype(np.int32) + 1 for e in every], axis=0))
+        np.testing.assert_array_equal(c, sum(every) * (1 + 1j))
+        np.testing.assert_array_equal(any_, np.any([e > 4.5 for e in every], axis=0))
         np.testing.assert_array_equal(got, (base + (r - 1) % n) * 2)
         np.testing.assert_array_equal(grad, np.full(3, (r + 1) * n))  # cotangents summed
+        np.testing.assert_array_equal(alone, base + r)
+        assert big_ok
+
+
+def body_mismatch():
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    dist.all_sum(jnp.ones(4 + g.rank())).block_until_ready()
+
+
+@needs_two_gpus
+def test_nccl_mismatched_shapes_name_both_calls():
+    with pytest.raises(RanksFailed) as e:
+        run_ranks(body_mismatch, 2, env=GPU_ENV, timeout=120, backend="nccl")
+    text = str(e.value)
+    assert "DistributedError" in text and "16 bytes" in text and "20 bytes" in text
+
+
+def body_dead_peer():
+    import os
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    x = jnp.ones(1024)
+    dist.all_sum(x).block_until_ready()
+    if g.rank() == 1:
+        os._exit(3)
+    try:
+        dist.all_sum(x).block_until_ready()
+    except dist.DistributedError as e:
+        return str(e)
+    return "no error"
+
+
+@needs_two_gpus
+def test_nccl_dead_peer_is_an_error_not_a_hang():
+    with pytest.raises(RanksFailed) as e:
+        run_ranks(body_dead_peer, 2, env={**GPU_ENV, "MLXDIST_TIMEOUT": "20"}, timeout=120,
+                  backend="nccl")
+    message = e.value.results[0]
+    assert message is not None and "all_sum" in message and "rank 1" in message
+
+
+def body_init_nccl():
+    import jax_mlxdist as dist
+    dist.init(backend="nccl")
+
+
+@needs_gpu
+def test_nccl_two_ranks_on_one_gpu_say_so():
+    env = {**GPU_ENV, "CUDA_VISIBLE_DEVICES": "0"}
+    with pytest.raises(RanksFailed) as e:
+        run_ranks(body_init_nccl, 2, env=env, timeout=120, backend="nccl")
+    assert "ranks 0 and 1 both use the GPU" in str(e.value)
+    assert "NCCL needs a GPU per rank" in str(e.value)
+
+
+def test_nccl_without_a_gpu_is_a_clear_error():
+    with pytest.raises(RanksFailed) as e:
+        run_ranks(body_init_nccl, 2, env={"JAX_PLATFORMS": "cpu"}, timeout=120, backend="nccl")
+    assert "backend 'nccl' needs arrays on a CUDA GPU" in str(e.value)
+
+
+def test_nccl_is_unavailable_to_a_cpu_process():
+    import jax
+    import jax_mlxdist as dist
+    if jax.default_backend() != "cpu":
+        pytest.skip("this test process runs JAX on a GPU")
+    assert dist.is_available("nccl") is False

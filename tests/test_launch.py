@@ -111,8 +111,8 @@ def test_bad_hostfile_and_flags_are_clear(tmp_path):
     (tmp_path / "hosts.json").write_text(json.dumps([{"ips": ["127.0.0.1"]}]))
     out = launch(tmp_path, CHECK, "--hostfile", str(tmp_path / "hosts.json"))
     assert out.returncode == 2 and "host 0 must be an object with an \"ssh\" name" in out.stderr
-    out = launch(tmp_path, CHECK, "--backend", "nccl")
-    assert out.returncode == 2 and "--backend 'nccl'" in out.stderr
+    out = launch(tmp_path, CHECK, "--backend", "mpi")  # mpirun starts MPI jobs
+    assert out.returncode == 2 and "--backend 'mpi'" in out.stderr
     out = launch(tmp_path, CHECK, "--env", "NOEQUALS")
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
 

@@ -3,10 +3,13 @@
 // and NCCL for what it lacks): the input is copied to pinned host memory on XLA's stream, the op
 // runs on the group's engine, and the result is copied back on the same stream. Pinned buffers
 // persist per group.
+#include <algorithm>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "core/error.h"
 #include "core/registry.h"
@@ -24,7 +27,14 @@ namespace {
 struct Staging {
   std::mutex mu;  // one op at a time per group
   gpu::PinnedBuffer in, out;
+  std::vector<void*> events;  // one per chunk in flight (all_reduce's pipeline)
+  ~Staging() {
+    for (void* e : events) gpu::cuda().EventDestroy(e);
+  }
 };
+
+// All-reduces above this run in chunks, so copies overlap the network (see pipelined()).
+constexpr size_t kChunkBytes = 4 << 20;
 
 std::mutex stagings_mu;
 std::map<int64_t, std::shared_ptr<Staging>> stagings;
@@ -89,6 +99,56 @@ ffi::Error staged(void* stream, int64_t group, const std::string& what, const vo
   }
 }
 
+// An all-reduce in chunks, in place in one pinned buffer: every chunk's copy to the host is
+// queued at once, each chunk is reduced as soon as its copy lands, and its copy back is queued
+// right after, so both copies overlap the network instead of adding to it.
+ffi::Error pipelined(void* stream, int64_t group, const std::string& what, const void* d_in,
+                     void* d_out, size_t count, DType t, ReduceOp op, uint64_t shape_hash) {
+  try {
+    auto engine = find_engine(group);
+    if (!engine) fail(what, ": the group is closed or was never initialised");
+    auto st = staging(group);
+    std::lock_guard<std::mutex> lock(st->mu);
+    gpu::Cuda& cuda = gpu::cuda();
+    const size_t width = dtype_size(t), per_chunk = kChunkBytes / width;
+    const size_t chunks = (count + per_chunk - 1) / per_chunk;
+    char* host = static_cast<char*>(st->in.get(count * width));
+    while (st->events.size() < chunks) {
+      void* e = nullptr;
+      gpu::check(cuda.EventCreateWithFlags(&e, gpu::kDisableTiming), "cudaEventCreateWithFlags");
+      st->events.push_back(e);
+    }
+    auto span = [&](size_t k) { return std::min(per_chunk, count - k * per_chunk); };
+    for (size_t k = 0; k < chunks; ++k) {
+      const size_t at = k * per_chunk * width;
+      gpu::check(cuda.MemcpyAsync(host + at, static_cast<const char*>(d_in) + at, span(k) * width,
+                                  gpu::kDeviceToHost, stream), "cudaMemcpyAsync");
+      gpu::check(cuda.EventRecord(st->events[k], stream), "cudaEventRecord");
+    }
+    std::exception_ptr failed;
+    for (size_t k = 0; k < chunks && !failed; ++k) {
+      const size_t at = k * per_chunk * width;
+      try {
+        gpu::check(cuda.EventSynchronize(st->events[k]), "cudaEventSynchronize");
+        engine->run_sync(what, [&](Group& g) {
+          g.all_reduce(host + at, host + at, span(k), t, op, shape_hash);
+        });
+        gpu::check(cuda.MemcpyAsync(static_cast<char*>(d_out) + at, host + at, span(k) * width,
+                                    gpu::kHostToDevice, stream), "cudaMemcpyAsync");
+      } catch (...) {
+        failed = std::current_exception();
+      }
+    }
+    // The pinned buffer is reused by the next op: every queued copy must be done first.
+    int rc = cuda.StreamSynchronize(stream);
+    if (failed) std::rethrow_exception(failed);
+    gpu::check(rc, "cudaStreamSynchronize");
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return error(e);
+  }
+}
+
 ffi::Error bad_dtype(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(kPrefix) + what + ": unsupported dtype");
 }
@@ -104,6 +164,9 @@ ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi
     return on_stream(g, what, [&](nccl::NcclGroup& n) {
       n.all_reduce_on(stream, x.untyped_data(), y->untyped_data(), count, t, ReduceOp(reduce), h);
     });
+  if (bytes > kChunkBytes)
+    return pipelined(stream, group, what, x.untyped_data(), y->untyped_data(), count, t,
+                     ReduceOp(reduce), h);
   return staged(stream, group, what, x.untyped_data(), bytes, y->untyped_data(), bytes, true,
                 [=](Group& g, void* in, void* out) { g.all_reduce(in, out, count, t, ReduceOp(reduce), h); });
 }

@@ -47,6 +47,7 @@ Cuda& cuda() {
       bind(h, "cudaEventRecord", lib.EventRecord);
       bind(h, "cudaEventQuery", lib.EventQuery);
       bind(h, "cudaEventDestroy", lib.EventDestroy);
+      bind(h, "cudaEventSynchronize", lib.EventSynchronize);
     } catch (const DistError& e) {
       error = e.what();
     }

@@ -20,6 +20,7 @@ struct Cuda {
   int (*EventRecord)(void* event, void* stream);
   int (*EventQuery)(void* event);  // 0: done, kNotReady: pending
   int (*EventDestroy)(void* event);
+  int (*EventSynchronize)(void* event);
 };
 
 constexpr int kHostToDevice = 1, kDeviceToHost = 2;
