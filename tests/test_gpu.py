@@ -148,3 +148,44 @@ def test_nccl_is_unavailable_to_a_cpu_process():
     if jax.default_backend() != "cpu":
         pytest.skip("this test process runs JAX on a GPU")
     assert dist.is_available("nccl") is False
+
+
+def one_rank_ops(backend):
+    """Every op through the C++ group of one rank (Python's ops skip groups of one, so bind the
+    primitives): the NCCL path can run on a machine with a single GPU."""
+    import jax.numpy as jnp
+    from jax_mlxdist import _C, _group
+    from jax_mlxdist import _primitives as P
+    book = [["127.0.0.1:1"]]  # a ring of one never connects
+    if backend == "nccl":
+        h = _C.init_nccl(0, book, [], 60.0, "", "auto", False, *_group._nccl_setup(), True)
+    else:
+        h = _C.init_ring(0, book, [], 60.0)
+    x = jnp.arange(6, dtype=jnp.float32) - 2
+    out = []
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.int16, jnp.int32, jnp.complex64, jnp.bool_):
+        for op in ("sum", "max", "min", "prod"):
+            if dtype == jnp.complex64 and op in ("max", "min"):
+                continue
+            y = P.all_reduce_p.bind(x.astype(dtype), group=h, reduce=P.REDUCE[op],
+                                    vjp="identity", rank=0, size=1)
+            out.append(bool((y == x.astype(dtype)).all()))
+    big = jnp.arange(5 << 20, dtype=jnp.float32)
+    out.append(bool((P.all_reduce_p.bind(big, group=h, reduce=0, vjp="identity", rank=0,
+                                         size=1) == big).all()))
+    out.append(bool((P.all_gather_p.bind(x, group=h, rank=0, size=1) == x).all()))
+    out.append(bool((P.sum_scatter_p.bind(x, group=h, rank=0, size=1) == x).all()))
+    P.barrier_p.bind(group=h)
+    child = _C.split(h, 5, 0)
+    out.append(bool((P.all_reduce_p.bind(x, group=child, reduce=0, vjp="identity", rank=0,
+                                         size=1) == x).all()))
+    _C.close_group(child)
+    _C.close_group(h)
+    return out
+
+
+@pytest.mark.parametrize("backend", [pytest.param("ring", marks=needs_gpu),
+                                     pytest.param("nccl", marks=needs_gpu)])
+def test_group_of_one_on_gpu(backend):
+    [checks] = run_ranks(one_rank_ops, 1, args=(backend,), env=GPU_ENV, timeout=120)
+    assert all(checks), checks

@@ -82,3 +82,21 @@ def test_closed_group_rejects_ops():
 def test_unsupported_dtype():
     with pytest.raises(dist.DistributedError, match="not supported"):
         dist.recv((2,), np.complex128, 1)
+
+
+def test_cxx_group_of_one_returns_its_input():
+    """Python skips groups of one, but C++ can hold one (split makes them): every op must give
+    the input back, not read past it."""
+    import jax.numpy as jnp
+    from jax_mlxdist import _C
+    from jax_mlxdist import _primitives as P
+    h = _C.init_ring(0, [["127.0.0.1:1"]], [], 60.0)  # a ring of one never connects
+    try:
+        for x in (jnp.arange(6.0) - 2, jnp.ones(100_000)):
+            for op in P.REDUCE.values():
+                y = P.all_reduce_p.bind(x, group=h, reduce=op, vjp="identity", rank=0, size=1)
+                np.testing.assert_array_equal(y, x)
+            np.testing.assert_array_equal(P.sum_scatter_p.bind(x, group=h, rank=0, size=1), x)
+            np.testing.assert_array_equal(P.all_gather_p.bind(x, group=h, rank=0, size=1), x)
+    finally:
+        _C.close_group(h)

@@ -86,6 +86,10 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
                            uint64_t shape_hash) {
   const size_t es = dtype_size(t), bytes = count * es;
   const int n = size();
+  if (n == 1) {  // a group of one (from split): nothing to combine
+    if (out != in) std::memmove(out, in, bytes);
+    return;
+  }
   Context ctx(*this, header(OpCode::kAllReduce, t, op, bytes, shape_hash, seq_++));
   const bool widen = is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd);
 
@@ -138,6 +142,10 @@ void RingGroup::all_gather(const void* in, void* out, size_t count, DType t, uin
 void RingGroup::reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
                                uint64_t shape_hash) {
   const size_t es = dtype_size(t), total = count * size();
+  if (size() == 1) {  // a group of one: its block is the input
+    if (out != in) std::memmove(out, in, total * es);
+    return;
+  }
   Context ctx(*this, header(OpCode::kReduceScatter, t, op, total * es, shape_hash, seq_++));
   const bool widen = is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd);
   const DType wire = widen ? DType::kFloat32 : t;
