@@ -181,10 +181,13 @@ NB_MODULE(_C, m) {
     return add_group(std::move(child));
   });
 
+  // Returns a failure found after its op had returned (NCCL's watchdog) that nothing raised.
   m.def("close_group", [](int64_t handle) {
     nb::gil_scoped_release release;
-    remove_group(handle);
+    auto engine = find_engine(handle);
+    remove_group(handle);  // the group is closed on its engine's thread, pending work done
     ffi_handlers::release_gpu_staging(handle);
+    return engine ? engine->group().unreported_failure() : std::string();
   });
 
   // Test hook for the wire-header decoder: compares two raw 40-byte headers as a receiver

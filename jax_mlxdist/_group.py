@@ -86,7 +86,9 @@ class Group:
             try:
                 jax.effects_barrier()  # raises if a pending collective failed
             finally:
-                _C.close_group(self._handle)  # released even then
+                late = _C.close_group(self._handle)  # released even then
+            if late:  # found after its op returned (NCCL's watchdog): its output is undefined
+                raise DistributedError(f"close: {late}")
 
     def __enter__(self) -> "Group":
         return self

@@ -122,6 +122,33 @@ def test_nccl_dead_peer_is_an_error_not_a_hang():
     assert message is not None and "all_sum" in message and "rank 1" in message
 
 
+def body_stalled():
+    import os
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    dist.barrier()
+    if g.rank() == 1:
+        os._exit(3)  # never joins the next op; with the check off, only the watchdog sees it
+    dist.all_sum(jnp.ones(1 << 20)).block_until_ready()  # returns once the watchdog aborts
+    try:
+        g.close()
+    except dist.DistributedError as e:
+        return str(e)
+    return "no error"
+
+
+@needs_two_gpus
+def test_nccl_stalled_op_is_aborted_and_raised_at_close():
+    env = {**GPU_ENV, "MLXDIST_TIMEOUT": "10", "MLXDIST_NCCL_CHECK": "0"}
+    with pytest.raises(RanksFailed) as e:
+        run_ranks(body_stalled, 2, env=env, timeout=120, backend="nccl")
+    message = e.value.results[0]
+    assert message is not None and message.startswith("close: "), message
+    # The watchdog's timeout, or NCCL noticing the dead peer first: either names what failed.
+    assert ("all_sum" in message and "no progress" in message) or "NCCL failed" in message
+
+
 def body_init_nccl():
     import jax_mlxdist as dist
     dist.init(backend="nccl")

@@ -39,6 +39,8 @@ class Group {
   virtual void abort() = 0;
   // Release the connections after the last op, letting bytes already sent arrive.
   virtual void close() { abort(); }
+  // A failure found after its op returned (asynchronous backends) that no call has raised yet.
+  virtual std::string unreported_failure() const { return ""; }
 
   // "group 1a2b (rank 0 of 4)" for messages.
   std::string label() const;

@@ -119,13 +119,17 @@ ffi::Error pipelined(void* stream, int64_t group, const std::string& what, const
       st->events.push_back(e);
     }
     auto span = [&](size_t k) { return std::min(per_chunk, count - k * per_chunk); };
-    for (size_t k = 0; k < chunks; ++k) {
-      const size_t at = k * per_chunk * width;
-      gpu::check(cuda.MemcpyAsync(host + at, static_cast<const char*>(d_in) + at, span(k) * width,
-                                  gpu::kDeviceToHost, stream), "cudaMemcpyAsync");
-      gpu::check(cuda.EventRecord(st->events[k], stream), "cudaEventRecord");
-    }
     std::exception_ptr failed;
+    try {
+      for (size_t k = 0; k < chunks; ++k) {
+        const size_t at = k * per_chunk * width;
+        gpu::check(cuda.MemcpyAsync(host + at, static_cast<const char*>(d_in) + at,
+                                    span(k) * width, gpu::kDeviceToHost, stream), "cudaMemcpyAsync");
+        gpu::check(cuda.EventRecord(st->events[k], stream), "cudaEventRecord");
+      }
+    } catch (...) {
+      failed = std::current_exception();
+    }
     for (size_t k = 0; k < chunks && !failed; ++k) {
       const size_t at = k * per_chunk * width;
       try {
@@ -236,6 +240,8 @@ ffi::Error Recv(void* stream, ffi::Token, ffi::Result<ffi::AnyBuffer> y, ffi::Re
 }
 
 ffi::Error Barrier(void* stream, ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
+  if (auto g = nccl_for(group, DType::kUInt8))  // waits for the group's NCCL work first
+    return on_stream(g, "barrier", [&](nccl::NcclGroup& n) { n.barrier_on(stream); });
   return staged(stream, group, "barrier", nullptr, 0, nullptr, 0, false,
                 [](Group& g, void*, void*) { g.barrier(); });
 }

@@ -45,27 +45,6 @@ int red_op(DType t, ReduceOp op) {
   }
 }
 
-// One byte to and from every peer, so NCCL connects each pair now: later sends then never wait
-// on the host for a peer to reach its matching recv.
-void connect_pairs(Lib& lib, Comm comm, int me, int n) {
-  if (n < 2) return;
-  gpu::Cuda& cuda = gpu::cuda();
-  void* buf = nullptr;
-  gpu::check(cuda.Malloc(&buf, 2 * size_t(n)), "cudaMalloc");
-  char* b = static_cast<char*>(buf);
-  int rc = lib.GroupStart();
-  for (int p = 0; p < n && rc == 0; ++p) {
-    if (p == me) continue;
-    rc = lib.Send(b + me, 1, kUInt8, p, comm, nullptr);
-    if (rc == 0) rc = lib.Recv(b + n + p, 1, kUInt8, p, comm, nullptr);
-  }
-  int end = lib.GroupEnd();
-  int sync = rc == 0 && end == 0 ? cuda.StreamSynchronize(nullptr) : 0;
-  cuda.Free(buf);
-  check(rc ? rc : end, "connecting NCCL's point-to-point pairs", comm);
-  gpu::check(sync, "cudaStreamSynchronize");
-}
-
 }  // namespace
 
 bool NcclGroup::native(DType t, ReduceOp op) {
@@ -76,87 +55,184 @@ NcclGroup::NcclGroup(std::shared_ptr<ring::RingGroup> control, Comm comm, Option
     : control_(std::move(control)), lib_(load(opts.lib)), opts_(std::move(opts)),
       id_(mix_ids(control_->id(), 0x6e63636cull)), timeout_s_(control_->options().timeout_s),
       sent_(control_->size()), received_(control_->size()), comm_(comm) {
+  watchdog_ = std::thread([this] { watch(); });
   try {
-    connect_pairs(lib_, comm_, rank(), size());
+    connect_pairs();
   } catch (...) {
-    lib_.CommAbort(comm_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fail_locked("connecting NCCL's point-to-point pairs failed", true);
+      stop_ = true;
+    }
+    stop_watchdog();
     throw;
   }
-  watchdog_ = std::thread([this] { watch(); });
 }
 
 NcclGroup::~NcclGroup() {
   close();
+  stop_watchdog();  // close() returned early if a failed constructor stopped it
   gpu::Cuda& cuda = gpu::cuda();
-  for (auto& p : pending_) cuda.EventDestroy(p.event);
+  for (auto& p : pending_) {
+    cuda.EventDestroy(p.start);
+    cuda.EventDestroy(p.done);
+  }
   for (void* e : free_events_) cuda.EventDestroy(e);
 }
 
-void NcclGroup::fail_locked(const std::string& why) {
-  if (failure_.empty()) failure_ = why;
-  if (!destroyed_) lib_.CommAbort(comm_);  // NCCL kernels in flight return; the stream moves on
+void NcclGroup::stop_watchdog() {
+  cv_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+// One byte to and from every peer, so NCCL connects each pair now: a later send then never
+// blocks on the host until its peer posts the matching recv (two ranks that both send first
+// would wait on each other there).
+void NcclGroup::connect_pairs() {
+  const int n = size(), me = rank();
+  if (n < 2) return;
+  gpu::Cuda& cuda = gpu::cuda();
+  void* buf = nullptr;
+  gpu::check(cuda.Malloc(&buf, 2 * size_t(n)), "cudaMalloc");
+  char* b = static_cast<char*>(buf);
+  try {
+    enqueue(nullptr, "connecting NCCL's point-to-point pairs", "ncclSend/ncclRecv", [&](Comm c) {
+      int rc = lib_.GroupStart();
+      for (int p = 0; p < n && rc == 0; ++p) {
+        if (p == me) continue;
+        rc = lib_.Send(b + me, 1, kUInt8, p, c, nullptr);
+        if (rc == 0) rc = lib_.Recv(b + n + p, 1, kUInt8, p, c, nullptr);
+      }
+      int end = lib_.GroupEnd();
+      return rc ? rc : end;
+    });
+    drain();
+    std::lock_guard<std::mutex> lock(mu_);
+    throw_if_failed_locked();
+  } catch (...) {
+    drain();
+    cuda.Free(buf);
+    throw;
+  }
+  cuda.Free(buf);
+}
+
+void* NcclGroup::take_event_locked() {
+  if (!free_events_.empty()) {
+    void* e = free_events_.back();
+    free_events_.pop_back();
+    return e;
+  }
+  void* e = nullptr;
+  gpu::check(gpu::cuda().EventCreateWithFlags(&e, gpu::kDisableTiming), "cudaEventCreateWithFlags");
+  return e;
+}
+
+void NcclGroup::fail_locked(const std::string& why, bool reported) {
+  if (failure_.empty()) {
+    failure_ = why;
+    failure_reported_ = reported;
+  }
+  // NCCL's kernels in flight return and the stream moves on; a blocked host call returns.
+  if (!destroyed_) lib_.CommAbort(comm_);
   destroyed_ = true;
   cv_.notify_all();
 }
 
-void NcclGroup::throw_if_failed_locked() const {
-  if (!failure_.empty()) fail("the NCCL communicator was aborted after an earlier error: ", failure_);
+void NcclGroup::throw_if_failed_locked() {
+  if (failure_.empty()) return;
+  failure_reported_ = true;
+  fail("the NCCL communicator was aborted after an earlier error: ", failure_);
+}
+
+std::string NcclGroup::unreported_failure() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failure_reported_ ? "" : failure_;
 }
 
 void NcclGroup::abort() {
+  std::lock_guard<std::mutex> ops(ops_mu_);  // the control ring is not in use meanwhile
   {
     std::lock_guard<std::mutex> lock(mu_);
-    fail_locked("the group was aborted");
+    fail_locked("the group was aborted after an error", true);
   }
   control_->abort();
 }
 
+void NcclGroup::drain() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return pending_.empty() || !failure_.empty(); });
+}
+
 void NcclGroup::close() {
+  std::lock_guard<std::mutex> ops(ops_mu_);
   {
     std::unique_lock<std::mutex> lock(mu_);
     if (stop_) return;
-    // Ops still on the stream finish first (the watchdog fails them at the timeout).
     cv_.wait(lock, [this] { return pending_.empty() || !failure_.empty(); });
     if (!destroyed_) lib_.CommDestroy(comm_);
     destroyed_ = true;
     stop_ = true;
   }
-  cv_.notify_all();
-  if (watchdog_.joinable()) watchdog_.join();
+  stop_watchdog();
   control_->close();
 }
 
 void NcclGroup::watch() {
   gpu::Cuda& cuda = gpu::cuda();
+  cuda.SetDevice(opts_.device);  // event queries must not open a context on another GPU
+  auto seconds = [](Clock::time_point since) {
+    return std::chrono::duration<double>(Clock::now() - since).count();
+  };
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
-    cv_.wait_for(lock, std::chrono::milliseconds(pending_.empty() ? 200 : 2));
+    const bool busy = failure_.empty() && (!pending_.empty() || !in_call_.empty());
+    cv_.wait_for(lock, std::chrono::milliseconds(busy ? 2 : 200));
+    if (stop_ || !failure_.empty()) continue;
+    if (!in_call_.empty() && seconds(in_call_since_) > timeout_s_) {
+      fail_locked(in_call_ + " on " + label() + ": blocked in NCCL for " +
+                      std::to_string(int(seconds(in_call_since_))) +
+                      " s (MLXDIST_TIMEOUT): a peer stalled or died; the NCCL communicator was aborted",
+                  false);
+      continue;
+    }
     while (!pending_.empty() && failure_.empty()) {
       Pending& p = pending_.front();
-      int rc = cuda.EventQuery(p.event);
+      if (!p.started) {
+        int rc = cuda.EventQuery(p.start);
+        if (rc == gpu::kNotReady) break;  // the stream is still on earlier work (compute)
+        if (rc != 0) {
+          fail_locked(p.what + " on " + label() + ": CUDA error " + cuda.GetErrorString(rc), false);
+          break;
+        }
+        p.started = true;
+        p.since = Clock::now();
+      }
+      int rc = cuda.EventQuery(p.done);
       if (rc == gpu::kNotReady) {
-        double waited = std::chrono::duration<double>(Clock::now() - p.since).count();
-        if (waited > timeout_s_)
-          fail_locked(p.what + " on " + label() + ": no progress for " + std::to_string(int(waited)) +
-                      " s (MLXDIST_TIMEOUT): a peer stalled, died or called another op; the "
-                      "NCCL communicator was aborted");
+        if (seconds(p.since) > timeout_s_)
+          fail_locked(p.what + " on " + label() + ": no progress for " +
+                          std::to_string(int(seconds(p.since))) +
+                          " s (MLXDIST_TIMEOUT): a peer stalled, died or called another op; the "
+                          "NCCL communicator was aborted",
+                      false);
         break;
       }
       if (rc != 0) {
-        fail_locked(p.what + " on " + label() + ": CUDA error " + cuda.GetErrorString(rc));
+        fail_locked(p.what + " on " + label() + ": CUDA error " + cuda.GetErrorString(rc), false);
         break;
       }
-      free_events_.push_back(p.event);
+      free_events_.push_back(p.start);
+      free_events_.push_back(p.done);
       pending_.pop_front();
-      // The next op's clock starts when it reaches the head of the stream's NCCL work.
-      if (!pending_.empty()) pending_.front().since = std::max(pending_.front().since, Clock::now());
-      cv_.notify_all();
+      cv_.notify_all();  // drain() waits for this
     }
     int async = 0;
     if (failure_.empty() && !destroyed_ && lib_.CommGetAsyncError(comm_, &async) == 0 &&
         async != 0 && async != kInProgress)
       fail_locked("NCCL failed on " + label() + ": " + lib_.GetErrorString(async) + " (" +
-                  lib_.GetLastError(comm_) + ")");
+                      lib_.GetLastError(comm_) + ")",
+                  false);
   }
 }
 
@@ -173,152 +249,200 @@ void NcclGroup::agree(const Header& mine) {
     if (p != rank()) check_header(mine, all[p], "this rank", control_->describe_peer(p));
 }
 
+template <typename Body>
+void NcclGroup::guarded(Body&& body) {
+  std::lock_guard<std::mutex> ops(ops_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) fail("the group is closed");
+    throw_if_failed_locked();
+  }
+  try {
+    body();
+  } catch (const std::exception& e) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fail_locked(e.what(), true);
+    }
+    control_->abort();
+    throw;
+  }
+}
+
 template <typename Call>
-void NcclGroup::enqueue(void* stream, const Header& h, const char* call, Call&& nccl_call) {
-  gpu::Cuda& cuda = gpu::cuda();
+int NcclGroup::blocking(const std::string& what, Call&& call) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     throw_if_failed_locked();
-    void* event = nullptr;
-    if (free_events_.empty()) {
-      gpu::check(cuda.EventCreateWithFlags(&event, gpu::kDisableTiming), "cudaEventCreateWithFlags");
-    } else {
-      event = free_events_.back();
-      free_events_.pop_back();
-    }
-    int rc = nccl_call(comm_);
-    int recorded = rc == 0 ? cuda.EventRecord(event, stream) : 0;
-    if (rc != 0 || recorded != 0) {
-      free_events_.push_back(event);
-      std::string why = rc ? std::string(call) + " failed: " + lib_.GetErrorString(rc) + " (" +
-                                 lib_.GetLastError(comm_) + ")"
-                           : std::string("cudaEventRecord failed: ") + cuda.GetErrorString(recorded);
-      fail_locked(why);
-      fail(why);
-    }
-    pending_.push_back({event, describe(h), Clock::now()});
+    in_call_ = what;
+    in_call_since_ = Clock::now();
+  }
+  cv_.notify_all();
+  // Outside mu_, so the watchdog can abort the communicator if this blocks on a peer.
+  int rc = call(comm_);
+  std::lock_guard<std::mutex> lock(mu_);
+  in_call_.clear();
+  throw_if_failed_locked();  // aborted meanwhile: comm_ is gone, say why
+  return rc;
+}
+
+template <typename Call>
+void NcclGroup::enqueue(void* stream, const std::string& what, const char* call, Call&& nccl_call) {
+  gpu::Cuda& cuda = gpu::cuda();
+  void *start, *done;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    start = take_event_locked();
+    done = take_event_locked();
+  }
+  auto give_back = [&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_events_.push_back(start);
+    free_events_.push_back(done);
+  };
+  int recorded = cuda.EventRecord(start, stream), rc = 0;
+  try {
+    if (recorded == 0) rc = blocking(what, nccl_call);
+  } catch (...) {
+    give_back();
+    throw;
+  }
+  if (recorded == 0 && rc == 0) recorded = cuda.EventRecord(done, stream);
+  if (recorded != 0 || rc != 0) {
+    give_back();
+    std::lock_guard<std::mutex> lock(mu_);
+    fail(recorded ? std::string("cudaEventRecord failed: ") + cuda.GetErrorString(recorded)
+                  : std::string(call) + " failed: " + lib_.GetErrorString(rc) + " (" +
+                        (destroyed_ ? "" : lib_.GetLastError(comm_)) + ")");
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.push_back({start, done, what});
   }
   cv_.notify_all();
 }
 
-#define MLXDIST_READY()                         \
-  std::lock_guard<std::mutex> ops(ops_mu_);     \
-  {                                             \
-    std::lock_guard<std::mutex> lock(mu_);      \
-    throw_if_failed_locked();                   \
-  }
-
 void NcclGroup::all_reduce_on(void* stream, const void* in, void* out, size_t count, DType t,
                               ReduceOp op, uint64_t shape_hash) {
-  MLXDIST_READY();
-  const Header h = header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++);
-  agree(h);
-  const int type = data_type(t), red = red_op(t, op);
-  const size_t n = nccl_elements(count, t);
-  enqueue(stream, h, "ncclAllReduce",
-          [&](Comm c) { return lib_.AllReduce(in, out, n, type, red, c, stream); });
+  guarded([&] {
+    const Header h = header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++);
+    agree(h);
+    const int type = data_type(t), red = red_op(t, op);
+    const size_t n = nccl_elements(count, t);
+    enqueue(stream, describe(h), "ncclAllReduce",
+            [&](Comm c) { return lib_.AllReduce(in, out, n, type, red, c, stream); });
+  });
 }
 
 void NcclGroup::all_gather_on(void* stream, const void* in, void* out, size_t count, DType t,
                               uint64_t shape_hash) {
-  MLXDIST_READY();
-  const size_t bytes = count * dtype_size(t);
-  const Header h = header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++);
-  agree(h);
-  enqueue(stream, h, "ncclAllGather",
-          [&](Comm c) { return lib_.AllGather(in, out, bytes, kUInt8, c, stream); });
+  guarded([&] {
+    const size_t bytes = count * dtype_size(t);
+    const Header h = header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++);
+    agree(h);
+    enqueue(stream, describe(h), "ncclAllGather",
+            [&](Comm c) { return lib_.AllGather(in, out, bytes, kUInt8, c, stream); });
+  });
 }
 
 void NcclGroup::reduce_scatter_on(void* stream, const void* in, void* out, size_t count, DType t,
                                   ReduceOp op, uint64_t shape_hash) {
-  MLXDIST_READY();
-  const Header h = header(OpCode::kReduceScatter, t, op, count * size() * dtype_size(t),
-                          shape_hash, seq_++);
-  agree(h);
-  const int type = data_type(t), red = red_op(t, op);
-  const size_t n = nccl_elements(count, t);
-  enqueue(stream, h, "ncclReduceScatter",
-          [&](Comm c) { return lib_.ReduceScatter(in, out, n, type, red, c, stream); });
+  guarded([&] {
+    const Header h = header(OpCode::kReduceScatter, t, op, count * size() * dtype_size(t),
+                            shape_hash, seq_++);
+    agree(h);
+    const int type = data_type(t), red = red_op(t, op);
+    const size_t n = nccl_elements(count, t);
+    enqueue(stream, describe(h), "ncclReduceScatter",
+            [&](Comm c) { return lib_.ReduceScatter(in, out, n, type, red, c, stream); });
+  });
 }
 
 void NcclGroup::send_on(void* stream, const void* in, size_t count, DType t, int dst,
                         uint64_t shape_hash, int tag) {
-  MLXDIST_READY();
   check_peer(dst, "destination");
-  const size_t bytes = count * dtype_size(t);
-  Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++);
-  h.tag = uint8_t(tag);
-  if (opts_.check) control_->send(&h, sizeof(Header), DType::kUInt8, dst, 0, tag);
-  enqueue(stream, h, "ncclSend",
-          [&](Comm c) { return lib_.Send(in, bytes, kUInt8, dst, c, stream); });
+  guarded([&] {
+    const size_t bytes = count * dtype_size(t);
+    Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++);
+    h.tag = uint8_t(tag);
+    if (opts_.check) control_->send(&h, sizeof(Header), DType::kUInt8, dst, 0, tag);
+    enqueue(stream, describe(h), "ncclSend",
+            [&](Comm c) { return lib_.Send(in, bytes, kUInt8, dst, c, stream); });
+  });
 }
 
 void NcclGroup::recv_on(void* stream, void* out, size_t count, DType t, int src,
                         uint64_t shape_hash, int tag) {
-  MLXDIST_READY();
   check_peer(src, "source");
-  const size_t bytes = count * dtype_size(t);
-  Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++);
-  h.tag = uint8_t(tag);
-  if (opts_.check) {
-    Header theirs;
-    control_->recv(&theirs, sizeof(Header), DType::kUInt8, src, 0, tag);
-    check_header(h, theirs, "this rank", control_->describe_peer(src));
-  }
-  enqueue(stream, h, "ncclRecv",
-          [&](Comm c) { return lib_.Recv(out, bytes, kUInt8, src, c, stream); });
+  guarded([&] {
+    const size_t bytes = count * dtype_size(t);
+    Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++);
+    h.tag = uint8_t(tag);
+    if (opts_.check) {
+      Header theirs;
+      control_->recv(&theirs, sizeof(Header), DType::kUInt8, src, 0, tag);
+      check_header(h, theirs, "this rank", control_->describe_peer(src));
+    }
+    enqueue(stream, describe(h), "ncclRecv",
+            [&](Comm c) { return lib_.Recv(out, bytes, kUInt8, src, c, stream); });
+  });
 }
 
-#undef MLXDIST_READY
+void NcclGroup::barrier_on(void* stream) {
+  guarded([&] {
+    // The watchdog aborts a stalled op at the timeout, after which the stream moves on.
+    gpu::check(gpu::cuda().StreamSynchronize(stream), "cudaStreamSynchronize");
+    drain();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      throw_if_failed_locked();
+    }
+    control_->barrier();
+  });
+}
 
 // Host memory runs on the control ring, in the same order as the NCCL ops.
 void NcclGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
                            uint64_t shape_hash) {
-  std::lock_guard<std::mutex> ops(ops_mu_);
-  control_->all_reduce(in, out, count, t, op, shape_hash);
+  guarded([&] { control_->all_reduce(in, out, count, t, op, shape_hash); });
 }
 
 void NcclGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
-  std::lock_guard<std::mutex> ops(ops_mu_);
-  control_->all_gather(in, out, count, t, shape_hash);
+  guarded([&] { control_->all_gather(in, out, count, t, shape_hash); });
 }
 
 void NcclGroup::reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
                                uint64_t shape_hash) {
-  std::lock_guard<std::mutex> ops(ops_mu_);
-  control_->reduce_scatter(in, out, count, t, op, shape_hash);
+  guarded([&] { control_->reduce_scatter(in, out, count, t, op, shape_hash); });
 }
 
 void NcclGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
-  std::lock_guard<std::mutex> ops(ops_mu_);
-  control_->send(in, count, t, dst, shape_hash, tag);
+  guarded([&] { control_->send(in, count, t, dst, shape_hash, tag); });
 }
 
 void NcclGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
-  std::lock_guard<std::mutex> ops(ops_mu_);
-  control_->recv(out, count, t, src, shape_hash, tag);
+  guarded([&] { control_->recv(out, count, t, src, shape_hash, tag); });
 }
 
 void NcclGroup::barrier() {
-  std::lock_guard<std::mutex> ops(ops_mu_);
-  control_->barrier();
+  guarded([&] { control_->barrier(); });
 }
 
 std::shared_ptr<Group> NcclGroup::split(int color, int key) {
-  std::lock_guard<std::mutex> ops(ops_mu_);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    throw_if_failed_locked();
-  }
-  // NCCL wants colors >= 0: number the distinct colors in order, as every member sees them.
-  std::set<int> colors;
-  for (const auto& c : control_->exchange(std::to_string(color))) colors.insert(std::stoi(c));
-  const int dense = int(std::distance(colors.begin(), colors.find(color)));
-  auto child_control = std::dynamic_pointer_cast<ring::RingGroup>(control_->split(color, key));
-  gpu::check(gpu::cuda().SetDevice(opts_.device), "cudaSetDevice");
-  Comm child = nullptr;
-  check(lib_.CommSplit(comm_, dense, key, &child, nullptr), "ncclCommSplit", comm_);
-  return std::make_shared<NcclGroup>(std::move(child_control), child, opts_);
+  std::shared_ptr<Group> child;
+  guarded([&] {
+    // NCCL wants colors >= 0: number the distinct colors in order, as every member sees them.
+    std::set<int> colors;
+    for (const auto& c : control_->exchange(std::to_string(color))) colors.insert(std::stoi(c));
+    const int dense = int(std::distance(colors.begin(), colors.find(color)));
+    auto child_control = std::dynamic_pointer_cast<ring::RingGroup>(control_->split(color, key));
+    gpu::check(gpu::cuda().SetDevice(opts_.device), "cudaSetDevice");
+    Comm comm = nullptr;
+    int rc = blocking("split", [&](Comm c) { return lib_.CommSplit(c, dense, key, &comm, nullptr); });
+    if (rc != 0) fail("ncclCommSplit failed: ", lib_.GetErrorString(rc));
+    child = std::make_shared<NcclGroup>(std::move(child_control), comm, opts_);
+  });
+  return child;
 }
 
 std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,

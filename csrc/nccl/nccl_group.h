@@ -30,6 +30,7 @@ struct Options {
 
 class NcclGroup : public Group {
  public:
+  // Connects every pair for point-to-point (see connect_pairs) under the watchdog.
   NcclGroup(std::shared_ptr<ring::RingGroup> control, Comm comm, Options opts);
   ~NcclGroup() override;
 
@@ -51,6 +52,7 @@ class NcclGroup : public Group {
   std::shared_ptr<Group> split(int color, int key) override;
   void abort() override;
   void close() override;
+  std::string unreported_failure() const override;
 
   // Whether NCCL reduces dtype t with op itself (else the caller stages through host memory).
   static bool native(DType t, ReduceOp op);
@@ -65,12 +67,17 @@ class NcclGroup : public Group {
                int tag);
   void recv_on(void* stream, void* out, size_t count, DType t, int src, uint64_t shape_hash,
                int tag);
+  // Waits for the group's work on stream (raising what failed), then a barrier on the host.
+  void barrier_on(void* stream);
 
  private:
   using Clock = std::chrono::steady_clock;
+  // An op on a stream, between two events; its clock starts when the stream reaches it.
   struct Pending {
-    void* event;
+    void* start;
+    void* done;
     std::string what;
+    bool started = false;
     Clock::time_point since;
   };
 
@@ -78,12 +85,23 @@ class NcclGroup : public Group {
                 uint64_t seq) const;
   // Every member's header for this collective must match (when checking).
   void agree(const Header& mine);
+  // Runs body as one op: any error poisons the group (NCCL aborted, the control ring reset so
+  // peers waiting on this rank fail now, not at their timeout).
+  template <typename Body>
+  void guarded(Body&& body);
+  // A host call into NCCL that may block on peers: the watchdog aborts it at the timeout.
+  template <typename Call>
+  int blocking(const std::string& what, Call&& call);
   // Runs an NCCL call that enqueues on stream, then watches it until the stream passes it.
   template <typename Call>
-  void enqueue(void* stream, const Header& h, const char* call, Call&& nccl_call);
+  void enqueue(void* stream, const std::string& what, const char* call, Call&& nccl_call);
+  void connect_pairs();
+  void drain();  // until no op is pending (the watchdog fails them at the timeout)
   void watch();
-  void fail_locked(const std::string& why);  // mu_ held: records why, aborts everything
-  void throw_if_failed_locked() const;
+  void* take_event_locked();
+  void fail_locked(const std::string& why, bool reported);  // mu_ held: records, aborts NCCL
+  void throw_if_failed_locked();
+  void stop_watchdog();
 
   std::shared_ptr<ring::RingGroup> control_;
   Lib& lib_;
@@ -93,14 +111,17 @@ class NcclGroup : public Group {
   uint64_t seq_ = 0;
   std::vector<uint64_t> sent_, received_;
 
-  std::mutex ops_mu_;  // one op at a time: header agreement, then the NCCL call
-  std::mutex mu_;      // comm_, pending_, failure_ (shared with the watchdog)
+  std::mutex ops_mu_;  // one op at a time (and close): header agreement, then the NCCL call
+  mutable std::mutex mu_;  // the state below, shared with the watchdog
   std::condition_variable cv_;
   Comm comm_;
-  bool destroyed_ = false;
+  bool destroyed_ = false;  // comm_ aborted or destroyed: never touch it again
+  std::string in_call_;     // a blocking NCCL host call under way, and since when
+  Clock::time_point in_call_since_;
   std::deque<Pending> pending_;
   std::vector<void*> free_events_;
   std::string failure_;
+  bool failure_reported_ = false;  // raised to a caller already
   bool stop_ = false;
   std::thread watchdog_;
 };
