@@ -41,7 +41,8 @@ def body_ops():
         p = dist.all_prod(x.astype(jnp.int32) + 1)
         c = dist.all_sum(x.astype(jnp.complex64) * (1 + 1j))  # float32 pairs on NCCL
         any_ = dist.all_max(x > 4.5)                         # bool: OR
-        return s, gathered, scattered, m, lo, p, c, any_
+        nan = dist.all_min(x.at[0].set(jnp.nan) if r == 0 else x)  # NaN wins, as on the CPU
+        return s, gathered, scattered, m, lo, p, c, any_, nan
 
     out = step(x)
     assert out[0].devices().pop().platform == "gpu"
@@ -65,7 +66,7 @@ def test_ops_on_gpu_arrays(backend):
     results = run_ranks(body_ops, n, env=GPU_ENV, timeout=300, backend=backend)
     base = np.arange(6, dtype=np.float32)
     every = [base + k for k in range(n)]
-    for r, (s, gathered, scattered, m, lo, p, c, any_, got, grad, alone, big_ok, used) in \
+    for r, (s, gathered, scattered, m, lo, p, c, any_, nan, got, grad, alone, big_ok, used) in \
             enumerate(results):
         assert used == backend
         np.testing.assert_array_equal(s, sum(every))
@@ -76,6 +77,7 @@ def test_ops_on_gpu_arrays(backend):
         np.testing.assert_array_equal(p, np.prod([e.astype(np.int32) + 1 for e in every], axis=0))
         np.testing.assert_array_equal(c, sum(every) * (1 + 1j))
         np.testing.assert_array_equal(any_, np.any([e > 4.5 for e in every], axis=0))
+        np.testing.assert_array_equal(nan, np.concatenate([[np.nan], base[1:]]))
         np.testing.assert_array_equal(got, (base + (r - 1) % n) * 2)
         np.testing.assert_array_equal(grad, np.full(3, (r + 1) * n))  # cotangents summed
         np.testing.assert_array_equal(alone, base + r)

@@ -48,7 +48,12 @@ int red_op(DType t, ReduceOp op) {
 }  // namespace
 
 bool NcclGroup::native(DType t, ReduceOp op) {
-  return data_type(t) >= 0 && (t != DType::kComplex64 || op == ReduceOp::kSum);
+  if (data_type(t) < 0) return false;
+  if (t == DType::kComplex64) return op == ReduceOp::kSum;
+  // NCCL's float max/min (fmaxf) drop NaN; every backend here propagates it.
+  const bool floating = t == DType::kFloat16 || t == DType::kBFloat16 || t == DType::kFloat32 ||
+                        t == DType::kFloat64;
+  return !(floating && (op == ReduceOp::kMax || op == ReduceOp::kMin));
 }
 
 NcclGroup::NcclGroup(std::shared_ptr<ring::RingGroup> control, Comm comm, Options opts)

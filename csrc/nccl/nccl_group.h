@@ -2,7 +2,7 @@
 // stream with no host synchronisation. A TCP ring group of the same ranks is its control
 // channel: it hands out NCCL's unique id at start-up, checks that every rank calls the same op
 // (headers, as the other backends do), and runs what NCCL lacks (16-bit integers, complex
-// max/min/prod, arrays in host memory) on staged host buffers. A watchdog thread turns a
+// max/min/prod, float max/min that keep NaN, arrays in host memory) on staged host buffers. A watchdog thread turns a
 // stalled or failed op into a DistError and aborts the communicator, so peers never wait forever.
 #pragma once
 
