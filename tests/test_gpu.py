@@ -47,6 +47,10 @@ def body_ops():
     out = step(x)
     assert out[0].devices().pop().platform == "gpu"
     big = dist.all_sum(jnp.full((3 << 20) + 5, r + 1.0))    # above one 4 MiB staging chunk
+    rows = (1 << 20) + 3                                    # a chunk and a bit, per rank
+    big_gather = dist.all_gather(jnp.full((rows, 2), float(r))).reshape(n, rows, 2)
+    ramp = jnp.arange(n * rows, dtype=jnp.float32) % 1000
+    big_scatter = dist.sum_scatter(ramp + r)
     nxt = dist.send(x * 2, (r + 1) % n) if r % 2 == 0 else None
     got = dist.recv_like(x, (r - 1) % n)
     if r % 2:
@@ -56,7 +60,9 @@ def body_ops():
     alone = dist.all_sum(x, group=sub)
     dist.barrier()
     del nxt
-    big_ok = bool((big == n * (n + 1) / 2).all())
+    big_ok = (bool((big == n * (n + 1) / 2).all()),
+              bool((big_gather == jnp.arange(n, dtype=jnp.float32)[:, None, None]).all()),
+              bool((big_scatter == n * ramp[r * rows:(r + 1) * rows] + n * (n - 1) / 2).all()))
     return [np.asarray(a) for a in (*out, got, grad, alone)] + [big_ok, g.backend]
 
 
@@ -81,7 +87,7 @@ def test_ops_on_gpu_arrays(backend):
         np.testing.assert_array_equal(got, (base + (r - 1) % n) * 2)
         np.testing.assert_array_equal(grad, np.full(3, (r + 1) * n))  # cotangents summed
         np.testing.assert_array_equal(alone, base + r)
-        assert big_ok
+        assert all(big_ok), big_ok  # all_sum, all_gather, sum_scatter in chunks
 
 
 def body_mismatch():

@@ -33,7 +33,7 @@ struct Staging {
   }
 };
 
-// All-reduces above this run in chunks, so copies overlap the network (see pipelined()).
+// Ops above this many bytes per rank run in chunks, so copies overlap the network (chunked()).
 constexpr size_t kChunkBytes = 4 << 20;
 
 std::mutex stagings_mu;
@@ -99,51 +99,57 @@ ffi::Error staged(void* stream, int64_t group, const std::string& what, const vo
   }
 }
 
-// An all-reduce in chunks, in place in one pinned buffer: every chunk's copy to the host is
-// queued at once, each chunk is reduced as soon as its copy lands, and its copy back is queued
-// right after, so both copies overlap the network instead of adding to it.
-ffi::Error pipelined(void* stream, int64_t group, const std::string& what, const void* d_in,
-                     void* d_out, size_t count, DType t, ReduceOp op, uint64_t shape_hash) {
+// One chunk: elements [first, first + elems) of every rank's block, and the staged buffers.
+struct Chunk {
+  size_t first, elems;
+  char *in, *out;
+};
+using Step = std::function<void(const Chunk&)>;
+using ChunkWork = std::function<void(Group&, const Chunk&)>;
+
+// An op in chunks of kChunkBytes per rank through pinned buffers (out_bytes 0: in place):
+// every chunk's copy down is queued at once, each chunk runs on the engine as soon as its copy
+// lands, and its copy back is queued right after, so both copies overlap the network instead
+// of adding to it.
+ffi::Error chunked(void* stream, int64_t group, const std::string& what, size_t count,
+                   size_t width, size_t in_bytes, size_t out_bytes, Step down, ChunkWork work,
+                   Step up) {
   try {
     auto engine = find_engine(group);
     if (!engine) fail(what, ": the group is closed or was never initialised");
     auto st = staging(group);
     std::lock_guard<std::mutex> lock(st->mu);
     gpu::Cuda& cuda = gpu::cuda();
-    const size_t width = dtype_size(t), per_chunk = kChunkBytes / width;
-    const size_t chunks = (count + per_chunk - 1) / per_chunk;
-    char* host = static_cast<char*>(st->in.get(count * width));
+    const size_t per_chunk = kChunkBytes / width, chunks = (count + per_chunk - 1) / per_chunk;
+    char* in = static_cast<char*>(st->in.get(in_bytes));
+    char* out = out_bytes ? static_cast<char*>(st->out.get(out_bytes)) : in;
     while (st->events.size() < chunks) {
       void* e = nullptr;
       gpu::check(cuda.EventCreateWithFlags(&e, gpu::kDisableTiming), "cudaEventCreateWithFlags");
       st->events.push_back(e);
     }
-    auto span = [&](size_t k) { return std::min(per_chunk, count - k * per_chunk); };
+    auto chunk = [&](size_t k) {
+      return Chunk{k * per_chunk, std::min(per_chunk, count - k * per_chunk), in, out};
+    };
     std::exception_ptr failed;
     try {
       for (size_t k = 0; k < chunks; ++k) {
-        const size_t at = k * per_chunk * width;
-        gpu::check(cuda.MemcpyAsync(host + at, static_cast<const char*>(d_in) + at,
-                                    span(k) * width, gpu::kDeviceToHost, stream), "cudaMemcpyAsync");
+        down(chunk(k));
         gpu::check(cuda.EventRecord(st->events[k], stream), "cudaEventRecord");
       }
     } catch (...) {
       failed = std::current_exception();
     }
     for (size_t k = 0; k < chunks && !failed; ++k) {
-      const size_t at = k * per_chunk * width;
       try {
         gpu::check(cuda.EventSynchronize(st->events[k]), "cudaEventSynchronize");
-        engine->run_sync(what, [&](Group& g) {
-          g.all_reduce(host + at, host + at, span(k), t, op, shape_hash);
-        });
-        gpu::check(cuda.MemcpyAsync(static_cast<char*>(d_out) + at, host + at, span(k) * width,
-                                    gpu::kHostToDevice, stream), "cudaMemcpyAsync");
+        engine->run_sync(what, [&](Group& g) { work(g, chunk(k)); });
+        up(chunk(k));
       } catch (...) {
         failed = std::current_exception();
       }
     }
-    // The pinned buffer is reused by the next op: every queued copy must be done first.
+    // The pinned buffers are reused by the next op: every queued copy must be done first.
     int rc = cuda.StreamSynchronize(stream);
     if (failed) std::rethrow_exception(failed);
     gpu::check(rc, "cudaStreamSynchronize");
@@ -151,6 +157,17 @@ ffi::Error pipelined(void* stream, int64_t group, const std::string& what, const
   } catch (const std::exception& e) {
     return error(e);
   }
+}
+
+// Copies on stream; rows > 1: a block of `rows` rows of `bytes`, strided by the pitches.
+void copy(void* stream, void* dst, size_t dpitch, const void* src, size_t spitch, size_t bytes,
+          size_t rows, int kind) {
+  gpu::Cuda& cuda = gpu::cuda();
+  if (rows == 1)
+    gpu::check(cuda.MemcpyAsync(dst, src, bytes, kind, stream), "cudaMemcpyAsync");
+  else
+    gpu::check(cuda.Memcpy2DAsync(dst, dpitch, src, spitch, bytes, rows, kind, stream),
+               "cudaMemcpy2DAsync");
 }
 
 ffi::Error bad_dtype(const std::string& what) {
@@ -168,9 +185,24 @@ ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi
     return on_stream(g, what, [&](nccl::NcclGroup& n) {
       n.all_reduce_on(stream, x.untyped_data(), y->untyped_data(), count, t, ReduceOp(reduce), h);
     });
-  if (bytes > kChunkBytes)
-    return pipelined(stream, group, what, x.untyped_data(), y->untyped_data(), count, t,
-                     ReduceOp(reduce), h);
+  if (bytes > kChunkBytes) {  // in place, chunk by chunk
+    const size_t es = dtype_size(t);
+    auto d_in = static_cast<const char*>(x.untyped_data());
+    auto d_out = static_cast<char*>(y->untyped_data());
+    return chunked(
+        stream, group, what, count, es, bytes, 0,
+        [=](const Chunk& c) {
+          copy(stream, c.in + c.first * es, 0, d_in + c.first * es, 0, c.elems * es, 1,
+               gpu::kDeviceToHost);
+        },
+        [=](Group& g, const Chunk& c) {
+          g.all_reduce(c.in + c.first * es, c.in + c.first * es, c.elems, t, ReduceOp(reduce), h);
+        },
+        [=](const Chunk& c) {
+          copy(stream, d_out + c.first * es, 0, c.in + c.first * es, 0, c.elems * es, 1,
+               gpu::kHostToDevice);
+        });
+  }
   return staged(stream, group, what, x.untyped_data(), bytes, y->untyped_data(), bytes, true,
                 [=](Group& g, void* in, void* out) { g.all_reduce(in, out, count, t, ReduceOp(reduce), h); });
 }
@@ -185,6 +217,24 @@ ffi::Error AllGather(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi
     return on_stream(g, "all_gather", [&](nccl::NcclGroup& n) {
       n.all_gather_on(stream, x.untyped_data(), y->untyped_data(), count, t, h);
     });
+  if (x.size_bytes() > kChunkBytes) {  // chunk k of every rank lands as one block per rank
+    const size_t es = dtype_size(t), n = y->size_bytes() / x.size_bytes();
+    auto d_in = static_cast<const char*>(x.untyped_data());
+    auto d_out = static_cast<char*>(y->untyped_data());
+    return chunked(
+        stream, group, "all_gather", count, es, x.size_bytes(), y->size_bytes(),
+        [=](const Chunk& c) {
+          copy(stream, c.in + c.first * es, 0, d_in + c.first * es, 0, c.elems * es, 1,
+               gpu::kDeviceToHost);
+        },
+        [=](Group& g, const Chunk& c) {
+          g.all_gather(c.in + c.first * es, c.out + n * c.first * es, c.elems, t, h);
+        },
+        [=](const Chunk& c) {  // n rows of elems, into each rank's block of the output
+          copy(stream, d_out + c.first * es, count * es, c.out + n * c.first * es, c.elems * es,
+               c.elems * es, n, gpu::kHostToDevice);
+        });
+  }
   return staged(stream, group, "all_gather", x.untyped_data(), x.size_bytes(), y->untyped_data(),
                 y->size_bytes(), false,
                 [=](Group& g, void* in, void* out) { g.all_gather(in, out, count, t, h); });
@@ -200,6 +250,25 @@ ffi::Error SumScatter(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ff
     return on_stream(g, "sum_scatter", [&](nccl::NcclGroup& n) {
       n.reduce_scatter_on(stream, x.untyped_data(), y->untyped_data(), count, t, ReduceOp::kSum, h);
     });
+  if (y->size_bytes() > kChunkBytes) {  // chunk k of every rank's block comes down together
+    const size_t es = dtype_size(t), n = x.size_bytes() / y->size_bytes();
+    auto d_in = static_cast<const char*>(x.untyped_data());
+    auto d_out = static_cast<char*>(y->untyped_data());
+    return chunked(
+        stream, group, "sum_scatter", count, es, x.size_bytes(), y->size_bytes(),
+        [=](const Chunk& c) {  // n rows of elems, from each rank's block of the input
+          copy(stream, c.in + n * c.first * es, c.elems * es, d_in + c.first * es, count * es,
+               c.elems * es, n, gpu::kDeviceToHost);
+        },
+        [=](Group& g, const Chunk& c) {
+          g.reduce_scatter(c.in + n * c.first * es, c.out + c.first * es, c.elems, t,
+                           ReduceOp::kSum, h);
+        },
+        [=](const Chunk& c) {
+          copy(stream, d_out + c.first * es, 0, c.out + c.first * es, 0, c.elems * es, 1,
+               gpu::kHostToDevice);
+        });
+  }
   return staged(stream, group, "sum_scatter", x.untyped_data(), x.size_bytes(), y->untyped_data(),
                 y->size_bytes(), false, [=](Group& g, void* in, void* out) {
                   g.reduce_scatter(in, out, count, t, ReduceOp::kSum, h);

@@ -35,6 +35,7 @@ Cuda& cuda() {
     }
     try {
       bind(h, "cudaMemcpyAsync", lib.MemcpyAsync);
+      bind(h, "cudaMemcpy2DAsync", lib.Memcpy2DAsync);
       bind(h, "cudaStreamSynchronize", lib.StreamSynchronize);
       bind(h, "cudaMallocHost", lib.MallocHost);
       bind(h, "cudaFreeHost", lib.FreeHost);

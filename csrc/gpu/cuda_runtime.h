@@ -8,6 +8,8 @@ namespace mlxdist::gpu {
 
 struct Cuda {
   int (*MemcpyAsync)(void* dst, const void* src, size_t bytes, int kind, void* stream);
+  int (*Memcpy2DAsync)(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                       size_t height, int kind, void* stream);
   int (*StreamSynchronize)(void* stream);
   int (*MallocHost)(void** ptr, size_t bytes);
   int (*FreeHost)(void* ptr);
