@@ -32,6 +32,21 @@ std::shared_ptr<Engine> engine_or_throw(int64_t handle) {
   return e;
 }
 
+// The ring's options for a world (also the control ring of JACCL and NCCL). Python validates
+// MLXDIST_TIMEOUT; this guards direct callers, since a NaN or an enormous value would overflow
+// the deadline arithmetic.
+ring::Options ring_options(double timeout, const std::string& token, bool verbose,
+                           const std::string& transport) {
+  if (!(timeout > 0) || !std::isfinite(timeout))
+    fail("init: the timeout must be a positive number of seconds, got ", timeout);
+  ring::Options opts;
+  opts.transport = transport;
+  opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
+  opts.token = token;
+  opts.verbose = verbose;
+  return opts;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -42,15 +57,7 @@ NB_MODULE(_C, m) {
       [](int rank, const std::vector<std::vector<std::string>>& hostfile,
          const std::vector<int>& listen_fds, double timeout, const std::string& token,
          const std::string& transport, bool verbose) {
-        // Python validates MLXDIST_TIMEOUT; this guards direct callers, since a NaN or an
-        // enormous value would overflow the deadline arithmetic.
-        if (!(timeout > 0) || !std::isfinite(timeout))
-          fail("init: the timeout must be a positive number of seconds, got ", timeout);
-        ring::Options opts;
-        opts.transport = transport;
-        opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
-        opts.token = token;
-        opts.verbose = verbose;
+        ring::Options opts = ring_options(timeout, token, verbose, transport);
         std::shared_ptr<Group> g;
         {
           nb::gil_scoped_release release;
@@ -67,12 +74,7 @@ NB_MODULE(_C, m) {
          const std::vector<int>& listen_fds, double timeout, const std::string& token,
          bool verbose, const std::string& transport, const std::vector<std::string>& devices,
          const std::string& ibverbs_lib, bool ring) {
-        if (!(timeout > 0) || !std::isfinite(timeout))
-          fail("init: the timeout must be a positive number of seconds, got ", timeout);
-        ring::Options ring_opts;
-        ring_opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
-        ring_opts.token = token;
-        ring_opts.verbose = verbose;
+        ring::Options ring_opts = ring_options(timeout, token, verbose, "tcp");
         jaccl::Options opts;
         opts.transport = transport;
         opts.devices = devices;
@@ -100,13 +102,7 @@ NB_MODULE(_C, m) {
          const std::vector<int>& listen_fds, double timeout, const std::string& token,
          const std::string& transport, bool verbose, const std::string& lib, int device,
          bool check) {
-        if (!(timeout > 0) || !std::isfinite(timeout))
-          fail("init: the timeout must be a positive number of seconds, got ", timeout);
-        ring::Options ring_opts;
-        ring_opts.transport = transport;
-        ring_opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
-        ring_opts.token = token;
-        ring_opts.verbose = verbose;
+        ring::Options ring_opts = ring_options(timeout, token, verbose, transport);
         nccl::Options opts;
         opts.lib = lib;
         opts.device = device;

@@ -48,6 +48,12 @@ std::shared_ptr<Staging> staging(int64_t group) {
 
 using Work = std::function<void(Group&, void* host_in, void* host_out)>;
 
+std::shared_ptr<Engine> engine_for(int64_t group, const std::string& what) {
+  auto engine = find_engine(group);
+  if (!engine) fail(what, ": the group is closed or was never initialised");
+  return engine;
+}
+
 ffi::Error error(const std::exception& e) {
   return ffi::Error(ffi::ErrorCode::kInternal, std::string(kPrefix) + e.what());
 }
@@ -76,8 +82,7 @@ ffi::Error on_stream(const std::shared_ptr<nccl::NcclGroup>& g, const std::strin
 ffi::Error staged(void* stream, int64_t group, const std::string& what, const void* d_in,
                   size_t in_bytes, void* d_out, size_t out_bytes, bool in_place, Work work) {
   try {
-    auto engine = find_engine(group);
-    if (!engine) fail(what, ": the group is closed or was never initialised");
+    auto engine = engine_for(group, what);
     auto st = staging(group);
     std::lock_guard<std::mutex> lock(st->mu);
     gpu::Cuda& cuda = gpu::cuda();
@@ -115,8 +120,7 @@ ffi::Error chunked(void* stream, int64_t group, const std::string& what, size_t 
                    size_t width, size_t in_bytes, size_t out_bytes, Step down, ChunkWork work,
                    Step up) {
   try {
-    auto engine = find_engine(group);
-    if (!engine) fail(what, ": the group is closed or was never initialised");
+    auto engine = engine_for(group, what);
     auto st = staging(group);
     std::lock_guard<std::mutex> lock(st->mu);
     gpu::Cuda& cuda = gpu::cuda();
