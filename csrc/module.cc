@@ -32,6 +32,17 @@ std::shared_ptr<Engine> engine_or_throw(int64_t handle) {
   return e;
 }
 
+// Connects a world with the GIL released (start-up waits on peers) and registers it.
+template <typename Connect>
+int64_t add_world(Connect&& connect) {
+  std::shared_ptr<Group> g;
+  {
+    nb::gil_scoped_release release;
+    g = connect();
+  }
+  return add_group(std::move(g));
+}
+
 // The ring's options for a world (also the control ring of JACCL and NCCL). Python validates
 // MLXDIST_TIMEOUT; this guards direct callers, since a NaN or an enormous value would overflow
 // the deadline arithmetic.
@@ -58,12 +69,7 @@ NB_MODULE(_C, m) {
          const std::vector<int>& listen_fds, double timeout, const std::string& token,
          const std::string& transport, bool verbose) {
         ring::Options opts = ring_options(timeout, token, verbose, transport);
-        std::shared_ptr<Group> g;
-        {
-          nb::gil_scoped_release release;
-          g = ring::make_world(rank, hostfile, listen_fds, opts);
-        }
-        return add_group(std::move(g));
+        return add_world([&] { return ring::make_world(rank, hostfile, listen_fds, opts); });
       },
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
       nb::arg("token") = "", nb::arg("transport") = "auto", nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
@@ -80,12 +86,8 @@ NB_MODULE(_C, m) {
         opts.devices = devices;
         if (!ibverbs_lib.empty()) opts.ibverbs_lib = ibverbs_lib;
         opts.ring = ring;
-        std::shared_ptr<Group> g;
-        {
-          nb::gil_scoped_release release;
-          g = jaccl::make_world(rank, hostfile, listen_fds, ring_opts, opts);
-        }
-        return add_group(std::move(g));
+        return add_world(
+            [&] { return jaccl::make_world(rank, hostfile, listen_fds, ring_opts, opts); });
       },
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
       nb::arg("token") = "", nb::arg("verbose") = false, nb::arg("transport") = "auto",
@@ -107,12 +109,8 @@ NB_MODULE(_C, m) {
         opts.lib = lib;
         opts.device = device;
         opts.check = check;
-        std::shared_ptr<Group> g;
-        {
-          nb::gil_scoped_release release;
-          g = nccl::make_world(rank, hostfile, listen_fds, ring_opts, opts);
-        }
-        return add_group(std::move(g));
+        return add_world(
+            [&] { return nccl::make_world(rank, hostfile, listen_fds, ring_opts, opts); });
       },
       nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
       nb::arg("token"), nb::arg("transport"), nb::arg("verbose"), nb::arg("lib"),
@@ -143,12 +141,8 @@ NB_MODULE(_C, m) {
       [](const std::string& lib, double timeout) {
         if (!(timeout > 0) || !std::isfinite(timeout))
           fail("init: the timeout must be a positive number of seconds, got ", timeout);
-        std::shared_ptr<Group> g;
-        {
-          nb::gil_scoped_release release;
-          g = mpi::make_world(lib, std::min(timeout, ring::kMaxTimeout));
-        }
-        return add_group(std::move(g));
+        return add_world(
+            [&] { return mpi::make_world(lib, std::min(timeout, ring::kMaxTimeout)); });
       },
       nb::arg("lib") = "", nb::arg("timeout") = 300.0,
       "Join MPI's world (loading the MPI library); returns a group handle.");
