@@ -22,10 +22,21 @@ def body_cycles(inits, splits):
     import jax.numpy as jnp
     import jax_mlxdist as dist
 
+    def our_threads():
+        # Ours are named mlxdist-*; JAX's own pools start and stop threads as they please.
+        names = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except FileNotFoundError:  # the thread ended while listing
+                pass
+        return sum(name.startswith("mlxdist-") for name in names)
+
     def usage():
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task")), rss
+        return len(os.listdir("/proc/self/fd")), our_threads(), rss
 
     def cycle_inits(n):
         for i in range(n):
@@ -60,6 +71,7 @@ def test_init_and_split_cycles_leak_nothing(transport):
     results = run_ranks(body_cycles, 2, args=(inits, splits),
                         env={"MLXDIST_TRANSPORT": transport}, timeout=300)
     for start, after_inits, before_splits, after_splits in results:
+        assert start[1] == 0 and before_splits[1] == 1, (start, before_splits)  # engines named
         assert after_inits[:2] == start[:2], (start, after_inits)  # fds, threads
         assert after_splits[:2] == before_splits[:2], (before_splits, after_splits)
         # RSS: a few compiled programs (one per new group used) may stay in JAX's caches.

@@ -1,5 +1,7 @@
 #include "core/engine.h"
 
+#include <pthread.h>
+
 #include <future>
 #include <sstream>
 
@@ -53,6 +55,7 @@ void Engine::shutdown() {
 }
 
 void Engine::loop() {
+  pthread_setname_np(pthread_self(), "mlxdist-engine");  // lets leak checks count our threads
   for (;;) {
     Task task;
     {

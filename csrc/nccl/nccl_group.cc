@@ -1,5 +1,7 @@
 #include "nccl/nccl_group.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -184,6 +186,7 @@ void NcclGroup::close() {
 }
 
 void NcclGroup::watch() {
+  pthread_setname_np(pthread_self(), "mlxdist-watch");
   gpu::Cuda& cuda = gpu::cuda();
   cuda.SetDevice(opts_.device);  // event queries must not open a context on another GPU
   auto seconds = [](Clock::time_point since) {
