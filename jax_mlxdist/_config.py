@@ -144,6 +144,11 @@ def ibverbs_library() -> str:
     return os.environ.get("MLXDIST_IBV_LIB", "")
 
 
+def runtime_tokens() -> bool:
+    """MLXDIST_RUNTIME_TOKENS=1: keep JAX's runtime token per jitted call (see _dispatch.py)."""
+    return os.environ.get("MLXDIST_RUNTIME_TOKENS", "") not in ("", "0")
+
+
 def default_backend() -> str:
     """MLXDIST_BACKEND: what init(backend="any") means in this process (set by launchers and
     test harnesses to run unchanged programs on another backend)."""

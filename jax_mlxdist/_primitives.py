@@ -16,7 +16,7 @@ from jax.interpreters import mlir
 from jax.extend.core import Primitive
 from jax._src import dispatch, effects
 
-from jax_mlxdist import _C
+from jax_mlxdist import _C, _config, _dispatch
 
 # --- compat shim: jax 0.10.x and 0.11.x -------------------------------------------------------
 try:  # jax >= 0.11 exports the token aval here
@@ -44,6 +44,11 @@ for _kind in (effects.lowerable_effects, effects.ordered_effects,
               # keeps a send whose result is unused when checkpoint re-traces its backward pass
               effects.partial_eval_kept_effects):
     _kind.add_type(CollectiveEffect)
+
+# Programs take no runtime token for this effect (see _dispatch.py); MLXDIST_RUNTIME_TOKENS=1
+# keeps JAX's own handling.
+if not _config.runtime_tokens():
+    _dispatch.install(effect)
 
 for _name, _capsule in _C.ffi_targets("cpu").items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

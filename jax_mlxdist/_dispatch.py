@@ -1,0 +1,113 @@
+"""Our effect without JAX's runtime token: top-level collectives on JAX's C++ dispatch path.
+
+An ordered effect costs twice at run time: JAX threads a *runtime* token through every
+execution (a device_put of the last call's token per call) and keeps the program off its C++
+fast path. Neither adds order to our ops: PjRt runs one thread's executions on a device in
+dispatch order, XLA:GPU runs a program's thunks in schedule order, and a group is driven by one
+thread. Inside a program the token still matters (XLA runs independent custom calls
+concurrently), so the effect stays in every jaxpr and every nested body threads its token.
+
+What changes is only the outermost function of a compiled program: it takes no token argument
+for our effect; the first top-level collective makes the token in the program
+(`stablehlo.create_token`) and the following ones chain on it, in program order. Because the
+switch happens when a whole program is lowered, never when a function is traced, a jaxpr
+reused inside scan or another jit keeps its token chain there (jit's trace cache cannot leak
+an effect-free body into a nested position).
+
+JAX has no public hook for this, so install() patches three internals after checking that they
+look as expected (jax 0.10 and 0.11); where they do not, it leaves JAX alone, collectives keep
+JAX's runtime tokens (correct, slower per call), and it says so once on stderr.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+
+_state = threading.local()  # depth > 0 while a whole program is being lowered
+installed = False
+
+
+def _strip(effects, effect):
+    return [e for e in effects if e is not effect]
+
+
+def _compatible(mlir, pxla) -> str:
+    """'' when JAX's internals look as install() expects, else what differs."""
+    token_set = getattr(mlir, "TokenSet", None)
+    if token_set is None or not all(hasattr(token_set, m)
+                                    for m in ("get", "subset", "update_tokens")):
+        return "mlir.TokenSet changed"
+    if "_tokens" not in getattr(token_set, "__slots__", ()):
+        return "mlir.TokenSet has no _tokens"
+    if not callable(getattr(pxla, "_cached_lowering_to_hlo", None)):
+        return "pxla._cached_lowering_to_hlo is missing"
+    try:
+        params = inspect.signature(mlir.lower_jaxpr_to_module).parameters
+    except (AttributeError, TypeError, ValueError):
+        return "mlir.lower_jaxpr_to_module is missing"
+    if "ordered_effects" not in params:
+        return "mlir.lower_jaxpr_to_module takes no ordered_effects"
+    return ""
+
+
+def install(effect) -> bool:
+    """Lower programs without a runtime token for `effect`; False (and one line on stderr) when
+    this JAX's internals differ."""
+    global installed
+    if installed:
+        return True
+    from jax._src.interpreters import mlir, pxla
+
+    why = _compatible(mlir, pxla)
+    if why:
+        print(f"jax_mlxdist: this JAX's dispatch internals differ ({why}); collectives keep "
+              "JAX's runtime tokens (about 200 us more per jitted call)", file=sys.stderr)
+        return False
+
+    lower_program = pxla._cached_lowering_to_hlo
+    lower_module = mlir.lower_jaxpr_to_module
+    TokenSet = mlir.TokenSet
+    get, subset, update_tokens = TokenSet.get, TokenSet.subset, TokenSet.update_tokens
+
+    def cached_lowering_to_hlo(*args, **kwargs):
+        _state.depth = getattr(_state, "depth", 0) + 1
+        try:
+            result = lower_program(*args, **kwargs)
+        finally:
+            _state.depth -= 1
+        # (module, keepalive, host_callbacks, unordered_effects, ordered_effects, ...): the
+        # executable must not feed a token the module no longer takes.
+        if effect in result[4]:
+            result = (*result[:4], _strip(result[4], effect), *result[5:])
+        return result
+
+    def lower_jaxpr_to_module(*args, ordered_effects, **kwargs):
+        if getattr(_state, "depth", 0) and effect in ordered_effects:
+            ordered_effects = _strip(ordered_effects, effect)
+        return lower_module(*args, ordered_effects=ordered_effects, **kwargs)
+
+    # In the outermost function the token set lacks our effect until the first collective
+    # makes its token; from then on it is threaded like any other.
+    def token_get(self, eff):
+        if eff is effect and eff not in self._tokens:
+            return mlir.create_token()
+        return get(self, eff)
+
+    def token_subset(self, effects):
+        if effect in effects and effect not in self._tokens:
+            return TokenSet({e: token_get(self, e) for e in effects})
+        return subset(self, effects)
+
+    def token_update(self, tokens):
+        out = update_tokens(self, tokens)
+        if effect not in self._tokens and effect in tokens._tokens:
+            out = TokenSet({**out._tokens, effect: tokens._tokens[effect]})
+        return out
+
+    pxla._cached_lowering_to_hlo = cached_lowering_to_hlo
+    mlir.lower_jaxpr_to_module = lower_jaxpr_to_module
+    TokenSet.get, TokenSet.subset, TokenSet.update_tokens = token_get, token_subset, token_update
+    installed = True
+    return True
