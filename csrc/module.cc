@@ -172,6 +172,12 @@ NB_MODULE(_C, m) {
   });
 
   // Returns a failure found after its op had returned (NCCL's watchdog) that nothing raised.
+  // Returns once the ops queued on the group's engine have run; raises if the group failed.
+  m.def("drain", [](int64_t handle) {
+    nb::gil_scoped_release release;
+    if (auto engine = find_engine(handle)) engine->run_sync("close", [](Group&) {});
+  });
+
   m.def("close_group", [](int64_t handle) {
     nb::gil_scoped_release release;
     auto engine = find_engine(handle);

@@ -11,6 +11,7 @@ except ImportError as e:  # a source checkout shadowing the installed package
         "`pytest` rather than `python -m pytest` (which puts the current directory first on "
         "sys.path), or install in place with `pip install -e .`.") from e
 
+from jax_mlxdist._dispatch import jit
 from jax_mlxdist._errors import DistributedError, is_distributed_error
 from jax_mlxdist._group import Group, init, is_available
 from jax_mlxdist._ops import (
@@ -28,7 +29,7 @@ from jax_mlxdist._ops import (
 
 __all__ = [
     "DistributedError", "Group", "all_gather", "all_max", "all_min", "all_prod", "all_sum",
-    "barrier", "init", "is_available", "is_distributed_error", "recv", "recv_like", "send",
+    "barrier", "init", "is_available", "is_distributed_error", "jit", "recv", "recv_like", "send",
     "sum_scatter",
 ]
 __version__ = "0.1.0"

@@ -111,3 +111,37 @@ def install(effect) -> bool:
     TokenSet.get, TokenSet.subset, TokenSet.update_tokens = token_get, token_subset, token_update
     installed = True
     return True
+
+
+_fence_program = None
+
+
+def fence() -> None:
+    """Returns once every program this thread dispatched before has finished.
+
+    Programs without the runtime token leave JAX nothing to wait on (jax.effects_barrier does
+    not see them); PjRt runs one thread's executions on a device in dispatch order, so a
+    trivial program dispatched now finishes after all of them.
+    """
+    global _fence_program
+    import jax
+    import numpy as np
+
+    if _fence_program is None:
+        _fence_program = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(_fence_program(np.int32(0)))
+
+
+def jit(fun=None, /, **kwargs):
+    """`jax.jit` for programs with collectives: same arguments (static_argnums, donate_argnums,
+    ...), same result.
+
+    Every program already lowers our token inside itself (module docstring), so a plain
+    `jax.jit` takes JAX's C++ dispatch path too; `dist.jit` is that, spelled so that code
+    reads as distributed. Used as `@dist.jit` or `@dist.jit(static_argnums=...)`.
+    """
+    import jax
+
+    if fun is None:
+        return lambda f: jax.jit(f, **kwargs)
+    return jax.jit(fun, **kwargs)

@@ -14,7 +14,7 @@ import weakref
 
 import jax
 
-from jax_mlxdist import _C
+from jax_mlxdist import _C, _dispatch
 from jax_mlxdist._config import (coordinator_config, default_backend, ibverbs_library,
                                  jaccl_config, jaccl_ring, jaccl_transport, mpi_launched,
                                  mpi_library, nccl_check, nccl_library, ring_config, timeout,
@@ -68,7 +68,7 @@ class Group:
                 f"split: color and key must fit in 32 bits, got {color}, {key}")
         if self._handle is None:
             return Group(None, 0, 1, self._backend)
-        jax.effects_barrier()  # earlier collectives on this group finish first
+        self._settle()  # earlier collectives on this group finish first
         handle = _call(_C.split, self._handle, color, self._rank if key == -1 else key)
         rank, size = _C.group_info(handle)
         return Group(handle, rank, size, self._backend)
@@ -84,7 +84,7 @@ class Group:
             _world = None
         if self._handle is not None:
             try:
-                jax.effects_barrier()  # raises if a pending collective failed
+                self._settle()  # raises if a pending collective failed
             finally:
                 late = _C.close_group(self._handle)  # released even then
             if late:  # found after its op returned (NCCL's watchdog): its output is undefined
@@ -99,6 +99,12 @@ class Group:
     def __repr__(self) -> str:
         state = ", closed" if self._closed else ""
         return f"Group(rank={self._rank}, size={self._size}, backend={self._backend!r}{state})"
+
+    def _settle(self) -> None:
+        """Waits for the collectives this thread dispatched on the group; raises if one failed."""
+        jax.effects_barrier()  # programs that carry JAX's runtime token (MLXDIST_RUNTIME_TOKENS)
+        _dispatch.fence()      # programs that do not
+        _call(_C.drain, self._handle)
 
     def _check_open(self, what: str) -> None:
         if self._closed:

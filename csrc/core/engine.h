@@ -4,6 +4,8 @@
 // (peers then fail fast) and later operations fail with the original error.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -41,11 +43,14 @@ class Engine {
     Done done;
   };
   void loop();
+  // Polls the queue for up to kSpin before sleeping (see engine.cc).
+  bool spin_for_work();
 
   std::shared_ptr<Group> group_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Task> queue_;
+  std::atomic<size_t> queued_{0};  // queue_.size(), readable without the lock
   bool stopping_ = false;
   std::string failure_;  // engine thread only
   std::thread thread_;
