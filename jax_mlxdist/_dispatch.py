@@ -14,7 +14,7 @@ switch happens when a whole program is lowered, never when a function is traced,
 reused inside scan or another jit keeps its token chain there (jit's trace cache cannot leak
 an effect-free body into a nested position).
 
-JAX has no public hook for this, so install() patches three internals after checking that they
+JAX has no public hook for this, so install() wraps three internals after checking that they
 look as expected (jax 0.10 and 0.11); where they do not, it leaves JAX alone, collectives keep
 JAX's runtime tokens (correct, slower per call), and it says so once on stderr.
 """
@@ -35,20 +35,20 @@ def _strip(effects, effect):
 
 def _compatible(mlir, pxla) -> str:
     """'' when JAX's internals look as install() expects, else what differs."""
-    token_set = getattr(mlir, "TokenSet", None)
-    if token_set is None or not all(hasattr(token_set, m)
-                                    for m in ("get", "subset", "update_tokens")):
-        return "mlir.TokenSet changed"
-    if "_tokens" not in getattr(token_set, "__slots__", ()):
+    if not hasattr(getattr(mlir, "TokenSet", None), "_tokens") and \
+            "_tokens" not in getattr(getattr(mlir, "TokenSet", None), "__slots__", ()):
         return "mlir.TokenSet has no _tokens"
     if not callable(getattr(pxla, "_cached_lowering_to_hlo", None)):
         return "pxla._cached_lowering_to_hlo is missing"
     try:
-        params = inspect.signature(mlir.lower_jaxpr_to_module).parameters
+        module_params = inspect.signature(mlir.lower_jaxpr_to_module).parameters
+        subcomp_params = list(inspect.signature(mlir.jaxpr_subcomp).parameters)
     except (AttributeError, TypeError, ValueError):
-        return "mlir.lower_jaxpr_to_module is missing"
-    if "ordered_effects" not in params:
+        return "mlir.lower_jaxpr_to_module or mlir.jaxpr_subcomp is missing"
+    if "ordered_effects" not in module_params:
         return "mlir.lower_jaxpr_to_module takes no ordered_effects"
+    if subcomp_params[1:4] != ["jaxpr", "name_stack", "tokens"]:
+        return "mlir.jaxpr_subcomp's arguments changed"
     return ""
 
 
@@ -68,8 +68,7 @@ def install(effect) -> bool:
 
     lower_program = pxla._cached_lowering_to_hlo
     lower_module = mlir.lower_jaxpr_to_module
-    TokenSet = mlir.TokenSet
-    get, subset, update_tokens = TokenSet.get, TokenSet.subset, TokenSet.update_tokens
+    subcomp = mlir.jaxpr_subcomp
 
     def cached_lowering_to_hlo(*args, **kwargs):
         _state.depth = getattr(_state, "depth", 0) + 1
@@ -88,27 +87,16 @@ def install(effect) -> bool:
             ordered_effects = _strip(ordered_effects, effect)
         return lower_module(*args, ordered_effects=ordered_effects, **kwargs)
 
-    # In the outermost function the token set lacks our effect until the first collective
-    # makes its token; from then on it is threaded like any other.
-    def token_get(self, eff):
-        if eff is effect and eff not in self._tokens:
-            return mlir.create_token()
-        return get(self, eff)
-
-    def token_subset(self, effects):
-        if effect in effects and effect not in self._tokens:
-            return TokenSet({e: token_get(self, e) for e in effects})
-        return subset(self, effects)
-
-    def token_update(self, tokens):
-        out = update_tokens(self, tokens)
-        if effect not in self._tokens and effect in tokens._tokens:
-            out = TokenSet({**out._tokens, effect: tokens._tokens[effect]})
-        return out
+    # The outermost function now gets no token for our effect: it makes one, and the body's
+    # collectives (and nested bodies, through their token arguments) chain on it.
+    def jaxpr_subcomp(ctx, jaxpr, name_stack, tokens, *args, **kwargs):
+        if effect in jaxpr.effects and effect not in tokens._tokens:
+            tokens = mlir.TokenSet({**tokens._tokens, effect: mlir.create_token()})
+        return subcomp(ctx, jaxpr, name_stack, tokens, *args, **kwargs)
 
     pxla._cached_lowering_to_hlo = cached_lowering_to_hlo
     mlir.lower_jaxpr_to_module = lower_jaxpr_to_module
-    TokenSet.get, TokenSet.subset, TokenSet.update_tokens = token_get, token_subset, token_update
+    mlir.jaxpr_subcomp = jaxpr_subcomp
     installed = True
     return True
 
