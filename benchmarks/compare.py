@@ -4,7 +4,9 @@
     python benchmarks/compare.py                            # n = 2, 4 B .. 64 MiB
     python benchmarks/compare.py -n 2 4 --sizes 4 64K 1M --plot out.png --json out.json
 
-Implementations (--impls): ours (jax_mlxdist ring, this interpreter), ours-jaccl (our JACCL
+Implementations (--impls): ours (jax_mlxdist ring, this interpreter, one dist.jit program per
+call), ours-eager (the same op called eagerly: no jit), ours-tokens (dist.jit, but with
+MLXDIST_RUNTIME_TOKENS=1: JAX's runtime token per call, as before the fast dispatch), ours-jaccl (our JACCL
 backend; over shared memory here, the ranks sharing the host), ours-jaccl-ring (its ring
 variant, MLX_JACCL_RING=1), ours-mpi-tcp and
 ours-mpi-shm (jax_mlxdist's MPI backend over the same Open MPI as mpi4jax), mlx (MLX ring 0.32.4,
@@ -61,6 +63,10 @@ MPI_SHM = ["--mca", "pml", "ob1", "--mca", "btl", "vader,self"]
 # name -> label, venv (None: this interpreter), rank script, how ranks are started
 IMPLS = {
     "ours": dict(label="ours", venv=None, script="ours.py", start="ours"),
+    "ours-eager": dict(label="ours eager", venv=None, script="ours.py", start="ours",
+                       env={"BENCH_DISPATCH": "eager"}),
+    "ours-tokens": dict(label="ours, JAX's runtime tokens", venv=None, script="ours.py",
+                        start="ours", env={"MLXDIST_RUNTIME_TOKENS": "1"}),
     "ours-jaccl": dict(label="ours JACCL", venv=None, script="ours.py", start="ours",
                        env={"BENCH_BACKEND": "jaccl"}),
     "ours-jaccl-ring": dict(label="ours JACCL ring", venv=None, script="ours.py", start="ours",

@@ -25,11 +25,12 @@ class JaxImpl:
 
     wrap(f, in_kinds, out_kinds) turns a per-rank function into what is jitted (identity for the
     one-process-per-rank libraries, shard_map for JAX's own collectives); kinds are "s" for a
-    per-rank block. put(np) / get(array) move this rank's block in and out."""
+    per-rank block. put(np) / get(array) move this rank's block in and out. jit compiles the
+    single-call step (identity: the step runs eagerly, op by op)."""
 
     def __init__(self, rank, size, ops, barrier, put=jnp.asarray, get=np.asarray,
-                 wrap=lambda f, i, o: f):
-        self.rank, self.size = rank, size
+                 wrap=lambda f, i, o: f, jit=jax.jit):
+        self.rank, self.size, self.jit = rank, size, jit
         self.ops, self.barrier, self.put, self.get, self.wrap = ops, barrier, put, get, wrap
         self._steps, self._loops = {}, {}
 
@@ -41,7 +42,7 @@ class JaxImpl:
                 x, y = lax.optimization_barrier((x, y))
                 return x, f(x)
 
-            self._steps[op] = jax.jit(self.wrap(step, "ss", "ss"), donate_argnums=(0, 1))
+            self._steps[op] = self.jit(self.wrap(step, "ss", "ss"), donate_argnums=(0, 1))
         return self._steps[op]
 
     def loop(self, k):

@@ -17,5 +17,8 @@ ctl.hello()
 serve(JaxImpl(group.rank(), group.size(),
               {"all_sum": dist.all_sum, "all_gather": dist.all_gather,
                "sum_scatter": dist.sum_scatter},
-              barrier=dist.barrier), ctl)
+              barrier=dist.barrier,
+              # BENCH_DISPATCH=eager: each op called eagerly; else one dist.jit program per op
+              jit=(lambda f, **_: f) if os.environ.get("BENCH_DISPATCH") == "eager" else dist.jit),
+      ctl)
 group.close()

@@ -32,7 +32,9 @@ PEER_VENVS: dict[str, list[list[str]]] = {
 
 
 def venv_python(name: str) -> str:
-    return os.path.join(VENVS, name, "bin", "python")
+    # BENCH_PEERS_PYTHON: one interpreter that already holds the peers (a machine without
+    # network, where the peers come preinstalled or as carried wheels on PYTHONPATH).
+    return os.environ.get("BENCH_PEERS_PYTHON") or os.path.join(VENVS, name, "bin", "python")
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
