@@ -21,9 +21,15 @@ JAX's runtime tokens (correct, slower per call), and it says so once on stderr.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
+
+import jax
+import numpy as np
+
+from jax_mlxdist._errors import translate
 
 _state = threading.local()  # depth > 0 while a whole program is being lowered
 installed = False
@@ -112,24 +118,42 @@ def fence() -> None:
     trivial program dispatched now finishes after all of them.
     """
     global _fence_program
-    import jax
-    import numpy as np
-
     if _fence_program is None:
         _fence_program = jax.jit(lambda x: x + 1)
     jax.block_until_ready(_fence_program(np.int32(0)))
 
 
+class _Jitted:
+    """A jax.jit function whose calls raise DistributedError for a failed collective."""
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._jitted(*args, **kwargs)
+        except (jax.errors.JaxRuntimeError, ValueError) as e:
+            error = translate(e)
+            if error is e:
+                raise
+            raise error from None
+
+    def __getattr__(self, name):  # lower, trace, eval_shape, clear_cache, ...
+        return getattr(self._jitted, name)
+
+
 def jit(fun=None, /, **kwargs):
     """`jax.jit` for programs with collectives: same arguments (static_argnums, donate_argnums,
-    ...), same result.
+    ...), same compiled program.
 
     Every program already lowers our token inside itself (module docstring), so a plain
-    `jax.jit` takes JAX's C++ dispatch path too; `dist.jit` is that, spelled so that code
-    reads as distributed. Used as `@dist.jit` or `@dist.jit(static_argnums=...)`.
+    `jax.jit` takes JAX's C++ dispatch path too. What `dist.jit` adds: a collective that fails
+    while the call is dispatched (its group closed or failed before) raises DistributedError
+    there, where JAX's C++ dispatch raises a ValueError carrying its text. Failures found later
+    surface, as with jax.jit, when the result is used. `@dist.jit` or
+    `@dist.jit(static_argnums=...)`.
     """
-    import jax
-
     if fun is None:
-        return lambda f: jax.jit(f, **kwargs)
-    return jax.jit(fun, **kwargs)
+        return lambda f: _Jitted(jax.jit(f, **kwargs))
+    return _Jitted(jax.jit(fun, **kwargs))

@@ -47,8 +47,12 @@ def _bind(prim, *args, **params):
         if any(isinstance(o, jax.core.Tracer) for o in jax.tree_util.tree_leaves(out)):
             return out
         return jax.block_until_ready(out)
-    except jax.errors.JaxRuntimeError as e:
-        raise translate(e) from None
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
+        # JAX's C++ dispatch raises a failure found while dispatching as a ValueError
+        error = translate(e)
+        if error is e:
+            raise
+        raise error from None
 
 
 VJP_MODES = ("identity", "all_sum")

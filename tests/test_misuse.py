@@ -15,15 +15,19 @@ TIMEOUT = 3.0
 MARGIN = 2.5
 
 
-def _error(fn):
-    """The error text of fn(), or None; any error must be a DistributedError."""
+def _error(fn, exact=False):
+    """The error text of fn(), or None; any error must carry a DistributedError (exact: be one).
+
+    A plain jax.jit call that fails while JAX's C++ dispatch runs it raises a ValueError with
+    the text; dist.jit and eager calls raise DistributedError itself."""
     import jax
     import jax_mlxdist as dist
     try:
         fn()
         return None
-    except jax.errors.JaxRuntimeError as e:
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
         assert dist.is_distributed_error(e), e
+        assert not exact or isinstance(e, dist.DistributedError), repr(e)
         return str(e)
 
 
@@ -88,11 +92,14 @@ def body_closed_group():
     g = dist.init()
     sub = g.split(0)
     f = jax.jit(lambda x: dist.all_sum(x, group=sub))
+    h = dist.jit(lambda x: dist.all_gather(x, group=sub))
     before = float(f(jnp.float32(2)))
+    assert h(jnp.float32(2)).shape == (2,)
     sub.close()
     sub.close()  # closing twice is fine
-    errors = [_error(lambda: dist.all_sum(jnp.ones(2), group=sub)),
+    errors = [_error(lambda: dist.all_sum(jnp.ones(2), group=sub), exact=True),
               _error(lambda: f(jnp.float32(2)).block_until_ready()),  # compiled before close
+              _error(lambda: h(jnp.float32(2)).block_until_ready(), exact=True),
               _error(lambda: sub.split(0)),
               _error(lambda: dist.barrier(group=sub))]
     after = float(dist.all_sum(jnp.float32(1)))  # the world group is unaffected

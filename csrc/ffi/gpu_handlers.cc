@@ -175,7 +175,7 @@ void copy(void* stream, void* dst, size_t dpitch, const void* src, size_t spitch
 }
 
 ffi::Error bad_dtype(const std::string& what) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(kPrefix) + what + ": unsupported dtype");
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string(kPrefix) + what + ": unsupported dtype");
 }
 
 ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,

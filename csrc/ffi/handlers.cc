@@ -15,7 +15,7 @@ namespace {
 ffi::Future failed(const std::string& why) {
   ffi::Promise p;
   ffi::Future f(p);
-  p.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument, kPrefix + why));
+  p.SetError(ffi::Error(ffi::ErrorCode::kInternal, kPrefix + why));
   return f;
 }
 
