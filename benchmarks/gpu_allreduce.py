@@ -65,7 +65,22 @@ def ours(backend, sizes, ops):
         x = jnp.ones((max(1, nbytes // 4),), jnp.float32)
         out[nbytes] = time_fn(step, x, nbytes, dist.barrier, ops)
         assert float(step(jnp.ones(4, jnp.float32))[0]) == 1.0
+    out["dispatch"] = dispatch_ahead(step, jnp.ones(1 << 20, jnp.float32), dist.barrier)
     return out
+
+
+def dispatch_ahead(step, x, barrier, calls=40):
+    """(seconds to dispatch `calls` chained calls, seconds until the last result is ready):
+    dispatch returning long before the results means Python runs ahead of the device."""
+    import time
+    x = step(x).block_until_ready()
+    barrier()
+    t = time.perf_counter()
+    for _ in range(calls):
+        x = step(x)
+    dispatched = time.perf_counter() - t
+    x.block_until_ready()
+    return dispatched, time.perf_counter() - t
 
 
 JAX_PSUM = """
@@ -116,6 +131,9 @@ def main() -> None:
             per_rank = run_ranks(ours, args.n, args=(impl, sizes, ops), env=ENV, timeout=1800,
                                  backend=impl)
             results[impl] = {s: max(r[s] for r in per_rank) for s in sizes}
+            d, ready = max(r["dispatch"] for r in per_rank)
+            print(f"{labels[impl]}: 40 chained 4 MiB calls ({ops} all_sum each) dispatched in "
+                  f"{d * 1e3:.2f} ms, results ready after {ready * 1e3:.2f} ms", flush=True)
         ratios = [i for i in ("nccl", "ring") if i in results] if "jax" in results else []
         print(f"\nall_sum on {args.n} GPUs, {ops} per jitted call: time per all_sum / bus GB/s "
               "(slowest rank, median)")
