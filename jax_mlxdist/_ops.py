@@ -30,6 +30,8 @@ def _resolve(group: Group | None, op: str) -> Group:
 
 
 def _array(x, op: str) -> jax.Array:
+    if isinstance(x, (jax.Array, jax.core.Tracer)) and x.dtype in SUPPORTED_DTYPES:
+        return x  # the common case, without jnp.asarray's few microseconds
     try:
         x = jnp.asarray(x)
     except TypeError as e:

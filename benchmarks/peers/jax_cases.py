@@ -26,7 +26,7 @@ class JaxImpl:
     wrap(f, in_kinds, out_kinds) turns a per-rank function into what is jitted (identity for the
     one-process-per-rank libraries, shard_map for JAX's own collectives); kinds are "s" for a
     per-rank block. put(np) / get(array) move this rank's block in and out. jit compiles the
-    single-call step (identity: the step runs eagerly, op by op)."""
+    single-call step (None: the op is called eagerly)."""
 
     def __init__(self, rank, size, ops, barrier, put=jnp.asarray, get=np.asarray,
                  wrap=lambda f, i, o: f, jit=jax.jit):
@@ -42,7 +42,10 @@ class JaxImpl:
                 x, y = lax.optimization_barrier((x, y))
                 return x, f(x)
 
-            self._steps[op] = self.jit(self.wrap(step, "ss", "ss"), donate_argnums=(0, 1))
+            if self.jit is None:  # eager: the op alone, called on x
+                self._steps[op] = lambda x, y: (x, f(x))
+            else:
+                self._steps[op] = self.jit(self.wrap(step, "ss", "ss"), donate_argnums=(0, 1))
         return self._steps[op]
 
     def loop(self, k):

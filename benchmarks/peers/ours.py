@@ -19,6 +19,6 @@ serve(JaxImpl(group.rank(), group.size(),
                "sum_scatter": dist.sum_scatter},
               barrier=dist.barrier,
               # BENCH_DISPATCH=eager: each op called eagerly; else one dist.jit program per op
-              jit=(lambda f, **_: f) if os.environ.get("BENCH_DISPATCH") == "eager" else dist.jit),
+              jit=None if os.environ.get("BENCH_DISPATCH") == "eager" else dist.jit),
       ctl)
 group.close()

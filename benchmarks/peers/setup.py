@@ -34,7 +34,8 @@ PEER_VENVS: dict[str, list[list[str]]] = {
 def venv_python(name: str) -> str:
     # BENCH_PEERS_PYTHON: one interpreter that already holds the peers (a machine without
     # network, where the peers come preinstalled or as carried wheels on PYTHONPATH).
-    return os.environ.get("BENCH_PEERS_PYTHON") or os.path.join(VENVS, name, "bin", "python")
+    given = os.environ.get("BENCH_PEERS_PYTHON")
+    return shutil.which(given) or given if given else os.path.join(VENVS, name, "bin", "python")
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
