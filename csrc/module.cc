@@ -171,13 +171,13 @@ NB_MODULE(_C, m) {
     return add_group(std::move(child));
   });
 
-  // Returns a failure found after its op had returned (NCCL's watchdog) that nothing raised.
   // Returns once the ops queued on the group's engine have run; raises if the group failed.
   m.def("drain", [](int64_t handle) {
     nb::gil_scoped_release release;
     if (auto engine = find_engine(handle)) engine->run_sync("close", [](Group&) {});
   });
 
+  // Returns a failure found after its op had returned (NCCL's watchdog) that nothing raised.
   m.def("close_group", [](int64_t handle) {
     nb::gil_scoped_release release;
     auto engine = find_engine(handle);

@@ -29,7 +29,7 @@ import threading
 import jax
 import numpy as np
 
-from jax_mlxdist._errors import translate
+from jax_mlxdist._errors import raise_translated
 
 _state = threading.local()  # depth > 0 while a whole program is being lowered
 installed = False
@@ -41,8 +41,7 @@ def _strip(effects, effect):
 
 def _compatible(mlir, pxla) -> str:
     """'' when JAX's internals look as install() expects, else what differs."""
-    if not hasattr(getattr(mlir, "TokenSet", None), "_tokens") and \
-            "_tokens" not in getattr(getattr(mlir, "TokenSet", None), "__slots__", ()):
+    if "_tokens" not in getattr(getattr(mlir, "TokenSet", None), "__slots__", ()):
         return "mlir.TokenSet has no _tokens"
     if not callable(getattr(pxla, "_cached_lowering_to_hlo", None)):
         return "pxla._cached_lowering_to_hlo is missing"
@@ -134,13 +133,13 @@ class _Jitted:
         try:
             return self._jitted(*args, **kwargs)
         except (jax.errors.JaxRuntimeError, ValueError) as e:
-            error = translate(e)
-            if error is e:
-                raise
-            raise error from None
+            raise_translated(e)
 
     def __getattr__(self, name):  # lower, trace, eval_shape, clear_cache, ...
         return getattr(self._jitted, name)
+
+    def __get__(self, obj, objtype=None):  # as a method, like jax.jit's functions
+        return self if obj is None else functools.partial(self, obj)
 
 
 def jit(fun=None, /, **kwargs):

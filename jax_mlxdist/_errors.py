@@ -26,3 +26,14 @@ def translate(exc: BaseException) -> BaseException:
         return exc
     text = str(exc)
     return DistributedError(text[text.index(_MARK) + len(_MARK):])
+
+
+def raise_translated(exc: BaseException):
+    """Raises the DistributedError exc carries (without JAX's wrapping), else exc itself.
+
+    JAX raises a failure found while a program is dispatched as a ValueError from its C++
+    dispatch, and one found later as a JaxRuntimeError; both carry our text."""
+    error = translate(exc)
+    if error is exc:
+        raise exc
+    raise error from None

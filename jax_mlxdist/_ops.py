@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mlxdist import _primitives as P
-from jax_mlxdist._errors import DistributedError, translate
+from jax_mlxdist._errors import DistributedError, raise_translated
 from jax_mlxdist._group import Group, resolve
 
 SUPPORTED_DTYPES = frozenset(np.dtype(d) for d in (
@@ -50,11 +50,7 @@ def _bind(prim, *args, **params):
             return out
         return jax.block_until_ready(out)
     except (jax.errors.JaxRuntimeError, ValueError) as e:
-        # JAX's C++ dispatch raises a failure found while dispatching as a ValueError
-        error = translate(e)
-        if error is e:
-            raise
-        raise error from None
+        raise_translated(e)
 
 
 VJP_MODES = ("identity", "all_sum")

@@ -173,3 +173,13 @@ def test_dist_jit_signature(group, rank, size):
         return dist.all_max(v + rank)
 
     assert float(plain(jnp.zeros(()))) == size - 1
+    assert "mlxdist_all_reduce" in plain.lower(jnp.zeros(())).as_text()  # jit's methods pass
+
+    class Layer:
+        scale = 3.0
+
+        @dist.jit(static_argnums=0)
+        def __call__(self, v):
+            return dist.all_sum(v * self.scale)
+
+    assert float(Layer()(jnp.ones(()))) == 3.0 * size
