@@ -7,11 +7,13 @@ and a failure surfaces when the program's results are used.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as jax_core
 
 from jax_mlxdist import _primitives as P
 from jax_mlxdist._errors import DistributedError, raise_translated
@@ -42,9 +44,27 @@ def _array(x, op: str) -> jax.Array:
     return x
 
 
+# Eager calls: one jitted bind per primitive and params, called straight from here. It is the
+# program JAX's own eager path (apply_primitive) compiles, without JAX's bind machinery in front
+# of it (half of a small eager call's cost).
+_eager_programs: dict = {}
+_at_top_level = getattr(jax_core, "trace_state_clean", None)
+
+
+def _eager(prim, params):
+    key = (prim, *params.items())  # our callers pass params in one order
+    program = _eager_programs.get(key)
+    if program is None:
+        program = _eager_programs[key] = jax.jit(functools.partial(prim.bind, **params))
+    return program
+
+
 def _bind(prim, *args, **params):
     """Binds prim; eager results are waited for, so failures raise DistributedError here."""
     try:
+        if _at_top_level is not None and _at_top_level() and \
+                not any(isinstance(a, jax.core.Tracer) for a in args):
+            return jax.block_until_ready(_eager(prim, params)(*args))
         out = prim.bind(*args, **params)
         if any(isinstance(o, jax.core.Tracer) for o in jax.tree_util.tree_leaves(out)):
             return out
@@ -175,3 +195,5 @@ def barrier(*, group: Group | None = None, stream=None) -> None:
     g = _resolve(group, "barrier")
     if g.size() > 1:
         _bind(P.barrier_p, group=g._handle)
+        if _at_top_level is None or _at_top_level():
+            g._settle()  # eager: no result to wait on, so wait for the program itself

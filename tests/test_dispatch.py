@@ -183,3 +183,19 @@ def test_dist_jit_signature(group, rank, size):
             return dist.all_sum(v * self.scale)
 
     assert float(Layer()(jnp.ones(()))) == 3.0 * size
+
+
+@pytest.mark.ranks(2, timeout=120)
+def test_eager_barrier_waits_for_every_rank(group, rank, size, tmp_path):
+    import os
+    import time
+
+    import jax_mlxdist as dist
+
+    marker = os.path.join(str(tmp_path), "arrived")
+    dist.barrier()
+    if rank == 1:
+        time.sleep(1.0)  # late, so a barrier that does not wait is caught
+        open(marker, "w").close()
+    dist.barrier()
+    assert os.path.exists(marker)  # rank 0 left only after rank 1 had arrived
