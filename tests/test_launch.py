@@ -124,3 +124,32 @@ def test_verbose_reports_connections_and_print_python(tmp_path):
     assert "connected to 1 peers x 2 links, authenticated" in out.stderr
     out = launch(tmp_path, CHECK, "--print-python", "--python", "/opt/py/bin/python3")
     assert out.returncode == 0 and out.stdout.strip() == "/opt/py/bin/python3"
+
+
+LAUNCH = [sys.executable, "-P", "-m", "jax_mlxdist.launch"]
+
+
+def test_commands_run_as_given_scripts_with_the_interpreter(tmp_path):
+    """As mlx.launch: `launch python x.py`, `launch ./run.sh`, `launch -m module` all work."""
+    (tmp_path / "check.py").write_text(textwrap.dedent(CHECK))
+    run_sh = tmp_path / "run.sh"
+    run_sh.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'check.py'} \"$@\"\n")
+    run_sh.chmod(0o755)
+    forms = {
+        "interpreter": [sys.executable, str(tmp_path / "check.py")],
+        "executable": [str(run_sh)],
+        "module": ["-m", "check"],
+    }
+    for name, form in forms.items():
+        out = subprocess.run([*LAUNCH, "-n", "2", "--cwd", str(tmp_path), *form],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (name, out.stderr)
+        for r in range(2):
+            assert f"[rank {r}] rank {r} of 2 sum 3.0" in out.stdout, (name, out.stdout)
+
+
+def test_unknown_command_is_a_clear_error(tmp_path):
+    out = subprocess.run([*LAUNCH, "-n", "2", "no-such-command-here", "x"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "'no-such-command-here' is neither a Python script nor a command on PATH" in out.stderr

@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import shlex
+import shutil
 import sys
 
 from jax_mlxdist._config import timeout
@@ -22,7 +23,7 @@ BACKENDS = ("ring", "any", "nccl")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jax-mlxdist launch",
-                                description="Run a Python script on N ranks, here or over ssh.")
+                                description="Run a Python script or a command on N ranks, here or over ssh.")
     p.add_argument("-n", "--repeat-hosts", dest="n", type=int, default=1,
                    help="ranks per host (each host repeated n times)")
     p.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts, one rank each")
@@ -40,9 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ssh", default="ssh", help="ssh command for remote hosts (e.g. 'ssh -F cfg')")
     p.add_argument("--no-prefix", action="store_true", help="do not prefix output with the rank")
     p.add_argument("--verbose", action="store_true", help="log connection set-up (MLX_RING_VERBOSE)")
-    p.add_argument("script", nargs="?", help="the Python script to run")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.add_argument("-m", dest="module", help="run this module as a script (python -m)")
+    p.add_argument("script", nargs="?",
+                   help="a Python script (run with --python), or any command: `python train.py`, "
+                        "`./run.sh`, `pytest -q` (run as given, as mlx.launch does)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script or command")
     return p
+
+
+def rank_command(python: str, script: str | None, module: str | None, args: list[str]) -> list[str]:
+    """What every rank runs: a .py file or a module with the interpreter, anything else (an
+    interpreter, a program on PATH, an executable file) as given. ValueError when it is none."""
+    if module:
+        return [python, "-m", module, *([script] if script else []), *args]
+    if script is None:
+        raise ValueError("the script or command to run is missing")
+    if script.endswith(".py") or (os.path.isfile(script) and not os.access(script, os.X_OK)):
+        return [python, script, *args]
+    if os.sep in script and os.access(script, os.X_OK) or shutil.which(script):
+        return [script, *args]
+    raise ValueError(f"{script!r} is neither a Python script nor a command on PATH")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.print_python:
         print(opts.python)
         return 0
-    if opts.script is None:
-        parser.error("the script to run is missing")
+    try:
+        command = rank_command(opts.python, opts.script, opts.module, opts.args)
+    except ValueError as e:
+        parser.error(str(e))
     if opts.n < 1 or opts.connections_per_ip < 1:
         parser.error("-n and --connections-per-ip must be at least 1")
     if not 0 <= opts.starting_port < 65536:
@@ -78,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         extra["MLX_RING_VERBOSE"] = "1"
     # The job's secret: every connection between its ranks proves it (MLXDIST_TOKEN).
     extra.setdefault("MLXDIST_TOKEN", secrets.token_hex(16))
-    command = [opts.python, opts.script, *opts.args]
     out = ranks.Output(len(plan.hosts), prefix=not opts.no_prefix, progress=True,
                        verbose=opts.verbose)
     started: list[ranks.Rank] = []
