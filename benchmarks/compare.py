@@ -133,7 +133,7 @@ class Group:
         try:
             if start == "ours":
                 # Our launcher binds every rank's listening sockets on port 0 before starting
-                # them and hands the sockets down (race-free; jax_mlxdist/launch/local.py).
+                # them and hands the sockets down (race-free; src/jax_mlxdist/launch/local.py).
                 self._popen([py, "-m", "jax_mlxdist.launch", "-n", str(self.n), "--no-prefix",
                              script, *ctl], env, out)
             elif start == "mlx":

@@ -1,7 +1,6 @@
 """The notebooks run top to bottom in a real kernel, and the %%ranks magic behaves there."""
 
 import pathlib
-import tempfile
 
 import nbformat
 import pytest
@@ -10,16 +9,14 @@ from nbclient import NotebookClient
 NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 
 
-def client(nb, **kwargs):
-    # The kernel starts outside the checkout, so it imports the installed package (a kernel
-    # puts its working directory first on sys.path, where a source tree would shadow it).
-    cwd = tempfile.mkdtemp(prefix="mlxdist-nb-")
-    return NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": cwd}},
+def client(nb, cwd, **kwargs):
+    # The kernel runs in the test's own folder (pytest removes it), not in the checkout.
+    return NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
                           **kwargs)
 
 
-def execute(nb, **kwargs):
-    client(nb, timeout=300, **kwargs).execute()
+def execute(nb, cwd, **kwargs):
+    client(nb, cwd, timeout=300, **kwargs).execute()
     return nb
 
 
@@ -31,8 +28,8 @@ def text_of(cell):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
-def test_notebook_runs_top_to_bottom(name):
-    nb = execute(nbformat.read(NOTEBOOKS / name, as_version=4))
+def test_notebook_runs_top_to_bottom(name, tmp_path):
+    nb = execute(nbformat.read(NOTEBOOKS / name, as_version=4), tmp_path)
     outputs = "".join(text_of(c) for c in nb.cells if c.cell_type == "code")
     assert "Traceback" not in outputs or name == "debugging.ipynb", outputs
     if name == "quickstart.ipynb":
@@ -52,19 +49,19 @@ def cells(*sources):
     return nb
 
 
-def test_magic_keeps_state_interrupts_and_restarts():
+def test_magic_keeps_state_interrupts_and_restarts(tmp_path):
     nb = cells(
         "%load_ext jax_mlxdist.notebook",
         "%%ranks -n 2\nimport jax_mlxdist as dist\ng = dist.init()\nx = 10 * g.rank()",
         # The endless loop is the subject: the kernel interrupt must reach both ranks.
         "%%ranks -n 2\nimport time\nprint('looping', flush=True)\nwhile True:\n    time.sleep(0.05)",
         "%%ranks -n 2\nx + 1",
-        "from jax_mlxdist import notebook\nnotebook._current.gather('x')",
+        "from jax_mlxdist import notebook\nnotebook.cluster().gather('x')",
         "%ranks restart",
         "%%ranks -n 2\n'x' in dir()",
         "%ranks close",
     )
-    client(nb, timeout=20, interrupt_on_timeout=True).execute()
+    client(nb, tmp_path, timeout=20, interrupt_on_timeout=True).execute()
     out = [text_of(c) for c in nb.cells]
     assert "KeyboardInterrupt" in out[2] and "[rank 1] looping" in out[2]
     assert "[rank 0] 1" in out[3] and "[rank 1] 11" in out[3]  # state survived the interrupt

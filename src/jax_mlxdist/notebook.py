@@ -243,8 +243,16 @@ def _show_png(data: bytes) -> None:
 _current: Cluster | None = None
 
 
-def _cluster(n: int) -> Cluster:
+def cluster(n: int | None = None) -> Cluster:
+    """The ranks that %%ranks cells run on, for use from Python (`cluster().gather("loss")`).
+
+    With n: those ranks, started (or started anew) with n ranks unless they already run.
+    Without: the ranks the last %%ranks cell used."""
     global _current
+    if n is None:
+        if _current is None:
+            raise RuntimeError("no ranks are running: run a %%ranks cell or call cluster(n)")
+        return _current
     if _current is None or _current.n != n or not _current._conns:
         if _current is not None:
             _current.close()
@@ -272,9 +280,9 @@ def ranks_magic(line: str, cell: str | None = None):
         n = int(args[1])
     elif args:
         raise ValueError(f"usage: %%ranks -n N, got {line!r}")
-    cluster = _cluster(n)
+    ranks = cluster(n)
     try:
-        cluster.run(cell)
+        ranks.run(cell)
     except CellError as e:
         print(str(e), file=sys.stderr)
     return None

@@ -4,12 +4,11 @@ import jax  # noqa: F401  (before our extension: some environments crash in ml_d
 
 try:
     from jax_mlxdist import _C  # noqa: F401
-except ImportError as e:  # a source checkout shadowing the installed package
+except ImportError as e:  # the sources on sys.path (PYTHONPATH=src, say) rather than a build
     raise ImportError(
-        "jax_mlxdist's compiled extension is missing here: this looks like a source checkout "
-        "that shadows the installed package. Run from outside the checkout, or run tests with "
-        "`pytest` rather than `python -m pytest` (which puts the current directory first on "
-        "sys.path), or install in place with `pip install -e .`.") from e
+        "jax_mlxdist's compiled extension is missing: this copy of the package was not built. "
+        "Install it (`pip install .`, or `pip install -e .` to work on it) and import the "
+        "installed package.") from e
 
 from jax_mlxdist._dispatch import jit
 from jax_mlxdist._errors import DistributedError, is_distributed_error
