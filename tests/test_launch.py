@@ -153,3 +153,22 @@ def test_unknown_command_is_a_clear_error(tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 2
     assert "'no-such-command-here' is neither a Python script nor a command on PATH" in out.stderr
+
+
+def test_top_level_help_lists_the_commands():
+    import shutil
+    exe = shutil.which("jax-mlxdist")
+    assert exe, "the console script is installed with the package"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "launch" in out.stdout and "config" in out.stdout, out
+    out = subprocess.run([exe, "launch", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--repeat-hosts" in out.stdout
+
+
+def test_backend_jaccl_runs_and_mpi_says_how(tmp_path):
+    source = CHECK + "    assert g.backend == 'jaccl', g.backend\n"
+    out = launch(tmp_path, source, "-n", "2", "--backend", "jaccl")
+    assert out.returncode == 0, out.stderr
+    assert "[rank 1] rank 1 of 2 sum 3.0" in out.stdout
+    out = launch(tmp_path, CHECK, "-n", "2", "--backend", "mpi")
+    assert out.returncode == 2 and "mpirun -np 2" in out.stderr, out.stderr

@@ -18,7 +18,7 @@ from jax_mlxdist._config import timeout
 from jax_mlxdist.launch import hostfile, ranks
 from jax_mlxdist.launch.local import LocalRanks, gpu_env
 
-BACKENDS = ("ring", "any", "nccl")
+BACKENDS = ("ring", "any", "nccl", "jaccl")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ranks per host (each host repeated n times)")
     p.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts, one rank each")
     p.add_argument("--hostfile", help="MLX launcher hostfile (JSON)")
-    p.add_argument("--backend", help="ring (default), any, or nccl (one GPU per rank)")
+    p.add_argument("--backend", help="ring (default), any, jaccl, nccl (one GPU per rank); "
+                                      "mpi jobs start with mpirun")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for every rank (repeatable)")
     p.add_argument("--cwd", help="working directory of the ranks")
@@ -63,13 +64,31 @@ def rank_command(python: str, script: str | None, module: str | None, args: list
     raise ValueError(f"{script!r} is neither a Python script nor a command on PATH")
 
 
-def main(argv: list[str] | None = None) -> int:
+USAGE = """usage: jax-mlxdist {launch,config} ...
+
+commands:
+  launch   run a Python script or a command on N ranks, here or over ssh
+           (`jax-mlxdist launch --help`; the same as `python -m jax_mlxdist.launch`)
+  config   check ssh to hosts, find their addresses and write a launcher hostfile
+           (`jax-mlxdist config --help`)
+"""
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The `jax-mlxdist` command: its subcommands (a bare script or command means launch)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["config"]:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "config":
         from jax_mlxdist.launch import config
         return config.main(argv[1:])
-    if argv[:1] == ["launch"]:  # console script: jax-mlxdist launch ...
-        argv = argv[1:]
+    return main(argv[1:] if argv[0] == "launch" else argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jax-mlxdist launch` (and `python -m jax_mlxdist.launch`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     opts = parser.parse_args(argv)
     if opts.print_python:
@@ -90,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     except hostfile.HostfileError as e:
         parser.error(str(e))
     backend = opts.backend or plan.backend or "ring"
+    if backend == "mpi":
+        parser.error("--backend mpi: MPI jobs start with the MPI's own launcher, e.g. "
+                     f"`mpirun -np {len(plan.hosts)} {shlex.join(command)}`; init() picks the "
+                     "MPI backend in ranks that mpirun started")
     if backend not in BACKENDS:
-        parser.error(f"--backend {backend!r}: this launcher starts {' or '.join(BACKENDS)} jobs")
-    if backend == "nccl":
-        extra["MLXDIST_BACKEND"] = "nccl"
+        parser.error(f"--backend {backend!r}: this launcher starts {', '.join(BACKENDS)} or "
+                     "mpi jobs")
+    if backend in ("nccl", "jaccl"):
+        extra["MLXDIST_BACKEND"] = backend
     if opts.verbose:
         extra["MLX_RING_VERBOSE"] = "1"
     # The job's secret: every connection between its ranks proves it (MLXDIST_TOKEN).
