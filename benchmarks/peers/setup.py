@@ -28,6 +28,9 @@ PEER_VENVS: dict[str, list[list[str]]] = {
     "jax": [["numpy", *JAX_PINS]],
     "mpi4jax": [["numpy", *JAX_PINS, "mpi4py==4.1.2"],
                 ["mpi4jax==0.9.1.post2"]],
+    # MPICH from PyPI; mpi4jax builds against it with the venv's mpicc.
+    "mpi4jax-mpich": [["numpy", *JAX_PINS, "mpich", "mpi4py==4.1.2"],
+                      ["mpi4jax==0.9.1.post2"]],
 }
 
 
@@ -59,13 +62,14 @@ def setup(names: list[str] | None = None) -> None:
         sys.exit(f"unknown peer venv(s): {sorted(unknown)}; known: {list(PEER_VENVS)}")
     os.makedirs(VENVS, exist_ok=True)
     for name in names:
-        if name == "mpi4jax":
+        if name == "mpi4jax":  # Debian's Open MPI; the mpi4jax-mpich venv brings its MPICH
             _ensure_openmpi()
         path = os.path.join(VENVS, name)
         if not os.path.exists(venv_python(name)):
             _run([sys.executable, "-m", "venv", path])
         for reqs in PEER_VENVS[name]:
             env = dict(os.environ)
+            env["PATH"] = os.path.dirname(venv_python(name)) + os.pathsep + env.get("PATH", "")
             if "mpi4jax==0.9.1.post2" in reqs:
                 # Its build finds nvcc when there is one and then fails on cuda_runtime.h:
                 # point CUDA_PATH at an empty directory so it builds the CPU extension only.

@@ -69,7 +69,7 @@ void MpiGroup::wait(Handle& req, const std::string& what) {
     int done = 0;
     {
       std::lock_guard<std::mutex> lock(lib_.mu);
-      check(lib_, lib_.Test(&req, &done, nullptr), "MPI_Test");
+      check(lib_, lib_.Test(&req, &done, lib_.status_ignore), "MPI_Test");
     }
     if (done) return;
     const auto now = steady_clock::now();

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "core/error.h"
@@ -9,7 +10,8 @@
 namespace mlxdist::mpi {
 namespace {
 
-const std::vector<std::string> kNames = {"libmpi.so.40", "libmpi.so"};  // Open MPI 3 to 5
+// Open MPI 3 to 5, then the MPICH ABI's library (MPICH, Intel MPI, MVAPICH).
+const std::vector<std::string> kNames = {"libmpi.so.40", "libmpi.so.12", "libmpi.so"};
 
 void* open_library(const std::string& path, std::string* why) {
   std::vector<std::string> names = path.empty() ? kNames : std::vector<std::string>{path};
@@ -19,7 +21,8 @@ void* open_library(const std::string& path, std::string* why) {
     if (void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
     tried += "\n  " + name + ": " + dlerror();
   }
-  *why = "no MPI library could be loaded (install Open MPI, or set MLXDIST_MPI_LIB):" + tried;
+  *why = "no MPI library could be loaded (install Open MPI or MPICH, or set MLXDIST_MPI_LIB):" +
+         tried;
   return nullptr;
 }
 
@@ -32,14 +35,54 @@ void bind(void* h, const char* name, T& out, std::string& missing) {
 Lib* loaded = nullptr;
 std::mutex load_mu;
 
-Lib* resolve(void* h, const std::string& path, std::string* why) {
-  if (!dlsym(h, "ompi_mpi_comm_world")) {
-    *why = path + " is not Open MPI (other MPI libraries are not supported yet)";
-    return nullptr;
-  }
-  auto* lib = new Lib();
-  lib->path = path;
-  std::string missing;
+std::string library_version(void* h) {
+  int (*version)(char*, int*) = nullptr;
+  std::string unused;
+  bind(h, "MPI_Get_library_version", version, unused);  // callable before MPI_Init
+  if (!version) return "";
+  char buf[8192] = {};
+  int len = 0;
+  version(buf, &len);
+  std::string text(buf, size_t(std::max(0, std::min(len, int(sizeof(buf))))));
+  auto nl = text.find('\n');
+  if (nl != std::string::npos) text.resize(nl);
+  return text;
+}
+
+bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+
+// The MPICH ABI's predefined handles (mpi.h of MPICH 3 to 5; Intel MPI and MVAPICH share them).
+void resolve_mpich(Lib* lib) {
+  auto h = [](uintptr_t v) { return reinterpret_cast<Handle>(v); };
+  lib->abi = Abi::kMpich;
+  lib->status_ignore = h(1);
+  lib->comm_world = h(0x44000000);
+  lib->errors_return = h(0x54000001);
+  lib->request_null = h(0x2c000000);
+  lib->byte = h(0x4c00010d);
+  lib->max = h(0x58000001);
+  lib->min = h(0x58000002);
+  lib->sum = h(0x58000003);
+  lib->prod = h(0x58000004);
+  lib->band = h(0x58000006);
+  lib->bor = h(0x58000008);
+  auto type = [&](DType t, uintptr_t v) { lib->types[size_t(t)] = h(v); };
+  type(DType::kBool, 0x4c00013b);  // uint8_t: 0/1 bytes, OR and AND as bitwise ops
+  type(DType::kInt8, 0x4c000137);
+  type(DType::kInt16, 0x4c000238);
+  type(DType::kInt32, 0x4c000439);
+  type(DType::kInt64, 0x4c00083a);
+  type(DType::kUInt8, 0x4c00013b);
+  type(DType::kUInt16, 0x4c00023c);
+  type(DType::kUInt32, 0x4c00043d);
+  type(DType::kUInt64, 0x4c00083e);
+  type(DType::kFloat32, 0x4c00040a);
+  type(DType::kFloat64, 0x4c00080b);
+  type(DType::kComplex64, 0x4c000840);  // MPI_C_FLOAT_COMPLEX
+}
+
+// Open MPI's predefined handles: its objects, by name.
+void resolve_open_mpi(void* h, Lib* lib, std::string& missing) {
   auto obj = [&](const char* name) {
     void* p = dlsym(h, name);
     if (!p) missing += std::string(missing.empty() ? "" : ", ") + name;
@@ -68,6 +111,27 @@ Lib* resolve(void* h, const std::string& path, std::string* why) {
   type(DType::kFloat32, "ompi_mpi_float");
   type(DType::kFloat64, "ompi_mpi_double");
   type(DType::kComplex64, "ompi_mpi_c_float_complex");
+}
+
+Lib* resolve(void* h, const std::string& path, std::string* why) {
+  auto* lib = new Lib();
+  lib->path = path;
+  lib->version = library_version(h);
+  std::string missing;
+  const bool open_mpi = dlsym(h, "ompi_mpi_comm_world") != nullptr;
+  const auto& v = lib->version;
+  if (!open_mpi) {
+    if (!(starts_with(v, "MPICH") || starts_with(v, "Intel(R) MPI") ||
+          starts_with(v, "MVAPICH") || starts_with(v, "CRAY MPICH"))) {
+      *why = path + " is neither Open MPI nor of the MPICH ABI (MPICH, Intel MPI, MVAPICH, Cray "
+             "MPICH); its version: " + (v.empty() ? "unknown" : v);
+      delete lib;
+      return nullptr;
+    }
+    resolve_mpich(lib);
+  } else {
+    resolve_open_mpi(h, lib, missing);
+  }
   bind(h, "MPI_Initialized", lib->Initialized, missing);
   bind(h, "MPI_Finalized", lib->Finalized, missing);
   bind(h, "MPI_Init_thread", lib->Init_thread, missing);
@@ -91,17 +155,6 @@ Lib* resolve(void* h, const std::string& path, std::string* why) {
     *why = path + " lacks " + missing + " (an MPI-3 library is needed)";
     delete lib;
     return nullptr;
-  }
-  int (*version)(char*, int*) = nullptr;
-  std::string unused;
-  bind(h, "MPI_Get_library_version", version, unused);
-  if (version) {
-    char buf[8192] = {};
-    int len = 0;
-    version(buf, &len);
-    lib->version.assign(buf, size_t(std::max(0, std::min(len, int(sizeof(buf))))));
-    auto nl = lib->version.find('\n');
-    if (nl != std::string::npos) lib->version.resize(nl);
   }
   return lib;
 }

