@@ -15,7 +15,7 @@ SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd",) if os.path.e
 SSH = shutil.which("ssh")
 pytestmark = pytest.mark.skipif(
     SSHD is None or SSH is None or shutil.which("ssh-keygen") is None,
-    reason="needs openssh-server and openssh-client (.ci/run installs them from Debian)")
+    reason="needs sshd and ssh: apt-get install openssh-server openssh-client (.ci/run does)")
 
 
 @pytest.fixture(scope="module")

@@ -117,15 +117,22 @@ def _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout, connec
     return procs, hung
 
 
-def mpirun_flags(mpirun: str) -> list[str]:
-    """Open MPI's mpirun needs leave to run as root and to start more ranks than cores;
-    MPICH's (Hydra) allows both and knows neither flag."""
+def mpirun_flavour(mpirun: str) -> str:
+    """"openmpi", "mpich" (Hydra: MPICH, Intel MPI, MVAPICH) or "" for what --version says."""
     try:
         version = subprocess.run([mpirun, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
-        version = ""
-    if "Open MPI" not in version and "OpenRTE" not in version:
+        return ""
+    if "Open MPI" in version or "OpenRTE" in version:
+        return "openmpi"
+    return "mpich" if "HYDRA" in version or "MPICH" in version else ""
+
+
+def mpirun_flags(mpirun: str) -> list[str]:
+    """Open MPI's mpirun needs leave to run as root and to start more ranks than cores;
+    MPICH's (Hydra) allows both and knows neither flag."""
+    if mpirun_flavour(mpirun) != "openmpi":
         return []
     return (["--allow-run-as-root"] if os.geteuid() == 0 else []) + ["--oversubscribe"]
 
