@@ -126,7 +126,7 @@ def mpirun_flavour(mpirun: str) -> str:
         return ""
     if "Open MPI" in version or "OpenRTE" in version:
         return "openmpi"
-    return "mpich" if "HYDRA" in version or "MPICH" in version else ""
+    return "mpich" if any(w in version for w in ("HYDRA", "MPICH", "Intel(R) MPI")) else ""
 
 
 def mpirun_flags(mpirun: str) -> list[str]:
