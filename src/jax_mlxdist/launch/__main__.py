@@ -1,5 +1,5 @@
 import sys
 
-from jax_mlxdist.launch.cli import main
+from jax_mlxdist.launch.cli import console
 
-sys.exit(main())
+sys.exit(console())

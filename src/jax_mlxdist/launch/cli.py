@@ -64,18 +64,19 @@ def rank_command(python: str, script: str | None, module: str | None, args: list
     raise ValueError(f"{script!r} is neither a Python script nor a command on PATH")
 
 
-USAGE = """usage: jax-mlxdist {launch,config} ...
+USAGE = """usage: jax-mlxdist {launch,config} ...   (or python -m jax_mlxdist.launch ...)
 
 commands:
   launch   run a Python script or a command on N ranks, here or over ssh
-           (`jax-mlxdist launch --help`; the same as `python -m jax_mlxdist.launch`)
+           (`jax-mlxdist launch --help`; `launch` may be left out)
   config   check ssh to hosts, find their addresses and write a launcher hostfile
            (`jax-mlxdist config --help`)
 """
 
 
 def console(argv: list[str] | None = None) -> int:
-    """The `jax-mlxdist` command: its subcommands (a bare script or command means launch)."""
+    """`jax-mlxdist` and `python -m jax_mlxdist.launch`: the subcommands (a script or command
+    alone means launch)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
@@ -87,7 +88,7 @@ def console(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`jax-mlxdist launch` (and `python -m jax_mlxdist.launch`)."""
+    """`jax-mlxdist launch`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     opts = parser.parse_args(argv)
