@@ -112,6 +112,27 @@ def test_mismatched_shapes_raise_on_every_rank():
     assert "all_sum(float32, 400000 bytes" in msg and "all_sum(float32, 400004 bytes" in msg
 
 
+def body_split_against_all_sum():
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    if g.rank() == 0:
+        g.split(0)
+    else:
+        dist.all_sum(jnp.ones(4))
+
+
+def test_split_against_another_op_names_both_calls():
+    # Caught by the header check, not the timeout (set far beyond the test's own limit).
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(body_split_against_all_sum, 2, backend="jaccl", timeout=90,
+                  env={"MLXDIST_TIMEOUT": "600"})
+    msg = str(info.value)
+    for r in range(2):
+        assert f"rank {r} raised DistributedError" in msg
+    assert "collective mismatch" in msg and "split(" in msg and "all_sum(" in msg, msg
+
+
 def body_dead_peer():
     import jax.numpy as jnp
     import jax_mlxdist as dist

@@ -130,6 +130,13 @@ void JacclGroup::barrier() {
 }
 
 std::shared_ptr<Group> JacclGroup::split(int color, int key) {
+  // The split itself runs on the control ring, which a peer inside another op never reads: first
+  // the same header check as every op, on the data path, so a split against an all_sum raises
+  // on both ranks at once, naming both calls, instead of waiting out the timeout.
+  if (!ring_) {
+    const Header h = header(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0, seq_++);
+    jaccl::all_gather(*mesh_, h, nullptr, nullptr, 0);
+  }
   auto child = std::dynamic_pointer_cast<ring::RingGroup>(control_->split(color, key));
   return std::make_shared<JacclGroup>(std::move(child), opts_);
 }
