@@ -174,7 +174,8 @@ NB_MODULE(_C, m) {
   // Returns once the ops queued on the group's engine have run; raises if the group failed.
   m.def("drain", [](int64_t handle) {
     nb::gil_scoped_release release;
-    if (auto engine = find_engine(handle)) engine->run_sync("close", [](Group&) {});
+    if (auto engine = find_engine(handle))
+      engine->run_sync("waiting for earlier collectives", [](Group&) {});
   });
 
   // Returns a failure found after its op had returned (NCCL's watchdog) that nothing raised.

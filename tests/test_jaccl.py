@@ -103,12 +103,18 @@ def body_mismatch():
     dist.all_sum(jnp.ones(100_000 + g.rank()))
 
 
-def test_mismatched_shapes_raise_on_every_rank():
+def failure_on_both_ranks(body, **kwargs) -> str:
+    """The report of a 2-rank JACCL run in which every rank raised DistributedError."""
     with pytest.raises(RanksFailed) as info:
-        run_ranks(body_mismatch, 2, backend="jaccl", timeout=120)
+        run_ranks(body, 2, backend="jaccl", **kwargs)
     msg = str(info.value)
     for r in range(2):
         assert f"rank {r} raised DistributedError" in msg
+    return msg
+
+
+def test_mismatched_shapes_raise_on_every_rank():
+    msg = failure_on_both_ranks(body_mismatch, timeout=120)
     assert "all_sum(float32, 400000 bytes" in msg and "all_sum(float32, 400004 bytes" in msg
 
 
@@ -124,12 +130,8 @@ def body_split_against_all_sum():
 
 def test_split_against_another_op_names_both_calls():
     # Caught by the header check, not the timeout (set far beyond the test's own limit).
-    with pytest.raises(RanksFailed) as info:
-        run_ranks(body_split_against_all_sum, 2, backend="jaccl", timeout=90,
-                  env={"MLXDIST_TIMEOUT": "600"})
-    msg = str(info.value)
-    for r in range(2):
-        assert f"rank {r} raised DistributedError" in msg
+    msg = failure_on_both_ranks(body_split_against_all_sum, timeout=90,
+                                env={"MLXDIST_TIMEOUT": "600"})
     assert "collective mismatch" in msg and "split(" in msg and "all_sum(" in msg, msg
 
 

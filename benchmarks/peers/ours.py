@@ -6,6 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import jax  # noqa: E402
 import jax_mlxdist as dist  # noqa: E402
 
 from common import Control, control_port, serve  # noqa: E402
@@ -19,6 +20,7 @@ serve(JaxImpl(group.rank(), group.size(),
                "sum_scatter": dist.sum_scatter},
               barrier=dist.barrier,
               # BENCH_DISPATCH=eager: each op called eagerly; else one dist.jit program per op
-              jit=None if os.environ.get("BENCH_DISPATCH") == "eager" else dist.jit),
+              jit=None if os.environ.get("BENCH_DISPATCH") == "eager"
+              else getattr(dist, "jit", jax.jit)),  # jax.jit for versions without dist.jit
       ctl)
 group.close()

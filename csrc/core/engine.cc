@@ -61,13 +61,11 @@ void Engine::shutdown() {
 // polls briefly before it sleeps. Bounded, so an idle group costs no CPU.
 constexpr auto kSpin = std::chrono::microseconds(50);
 
-bool Engine::spin_for_work() {
+void Engine::spin_for_work() {
   auto until = std::chrono::steady_clock::now() + kSpin;
-  do {
-    if (queued_.load(std::memory_order_acquire) > 0) return true;
+  while (queued_.load(std::memory_order_acquire) == 0 &&
+         std::chrono::steady_clock::now() < until)
     std::this_thread::yield();
-  } while (std::chrono::steady_clock::now() < until);
-  return false;
 }
 
 void Engine::loop() {

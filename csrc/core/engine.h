@@ -44,7 +44,7 @@ class Engine {
   };
   void loop();
   // Polls the queue for up to kSpin before sleeping (see engine.cc).
-  bool spin_for_work();
+  void spin_for_work();
 
   std::shared_ptr<Group> group_;
   std::mutex mu_;

@@ -48,7 +48,8 @@ def _array(x, op: str) -> jax.Array:
 # program JAX's own eager path (apply_primitive) compiles, without JAX's bind machinery in front
 # of it (half of a small eager call's cost).
 _eager_programs: dict = {}
-_at_top_level = getattr(jax_core, "trace_state_clean", None)
+# Outside every trace? Where JAX lacks the check, every call takes the bind path as before.
+_at_top_level = getattr(jax_core, "trace_state_clean", lambda: False)
 
 
 def _eager(prim, params):
@@ -62,8 +63,7 @@ def _eager(prim, params):
 def _bind(prim, *args, **params):
     """Binds prim; eager results are waited for, so failures raise DistributedError here."""
     try:
-        if _at_top_level is not None and _at_top_level() and \
-                not any(isinstance(a, jax.core.Tracer) for a in args):
+        if _at_top_level() and not any(isinstance(a, jax.core.Tracer) for a in args):
             return jax.block_until_ready(_eager(prim, params)(*args))
         out = prim.bind(*args, **params)
         if any(isinstance(o, jax.core.Tracer) for o in jax.tree_util.tree_leaves(out)):
@@ -195,5 +195,5 @@ def barrier(*, group: Group | None = None, stream=None) -> None:
     g = _resolve(group, "barrier")
     if g.size() > 1:
         _bind(P.barrier_p, group=g._handle)
-        if _at_top_level is None or _at_top_level():
+        if _at_top_level():
             g._settle()  # eager: no result to wait on, so wait for the program itself

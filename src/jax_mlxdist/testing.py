@@ -10,6 +10,7 @@ RanksFailed with every rank's traceback and last output; no rank process is left
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -117,6 +118,7 @@ def _as_subprocesses(n, worker, result_paths, outputs, base_env, timeout, connec
     return procs, hung
 
 
+@functools.lru_cache(maxsize=None)
 def mpirun_flavour(mpirun: str) -> str:
     """"openmpi", "mpich" (Hydra: MPICH, Intel MPI, MVAPICH) or "" for what --version says."""
     try:

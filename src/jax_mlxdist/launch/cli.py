@@ -59,7 +59,7 @@ def rank_command(python: str, script: str | None, module: str | None, args: list
         raise ValueError("the script or command to run is missing")
     if script.endswith(".py") or (os.path.isfile(script) and not os.access(script, os.X_OK)):
         return [python, script, *args]
-    if os.sep in script and os.access(script, os.X_OK) or shutil.which(script):
+    if (os.sep in script and os.access(script, os.X_OK)) or shutil.which(script):
         return [script, *args]
     raise ValueError(f"{script!r} is neither a Python script nor a command on PATH")
 
