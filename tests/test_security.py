@@ -1,6 +1,8 @@
 """Only ranks that prove the job's token (MLXDIST_TOKEN) can join; strangers are refused and
 logged without disturbing the job."""
 
+import pytest
+
 from jax_mlxdist.testing import run_ranks
 
 HELLO_MAGIC = 0x4D4C4832
@@ -90,3 +92,51 @@ def test_token_on_one_side_only_is_a_clear_error():
 
 def test_same_token_connects():
     assert run_ranks(body_token, 3, args=(["s3cret"] * 3,)) == [None] * 3
+
+
+def body_idle_flood():
+    import json
+    import os
+    import time
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    from jax_mlxdist.testing import IdleFlood
+
+    rank = int(os.environ["MLX_RANK"])
+    g = dist.init()
+    first = float(dist.all_sum(jnp.float32(1)))
+    host, port = json.load(open(os.environ["MLX_HOSTFILE"]))[1][0].split(":")
+    with IdleFlood((host, int(port)), 400) if rank == 0 else _nothing() as flood:
+        dist.barrier()  # rank 1 goes on only once the stranger holds its connections
+        t = time.monotonic()
+        sums = []
+        for i in range(3):  # every split forms new connections to rank 1's port
+            sub = g.split(0)
+            sums.append(float(dist.all_sum(jnp.float32(i + 1), group=sub)))
+            sub.close()
+        took = time.monotonic() - t
+        dist.barrier()
+        opened = flood.opened if flood else 0
+    return first, sums, took, opened
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm", "jaccl"])
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_idle_connection_flood_does_not_break_split(transport, token):
+    env = {"MLXDIST_TIMEOUT": "10"}
+    env.update({"MLXDIST_BACKEND": "jaccl"} if transport == "jaccl" else {"MLXDIST_TRANSPORT": transport})
+    if token:
+        env["MLXDIST_TOKEN"] = token
+    results = run_ranks(body_idle_flood, 2, env=env)
+    for first, sums, took, _ in results:
+        assert first == 2.0 and sums == [2.0, 4.0, 6.0]
+        assert took < 8  # never waited for a timeout
+    assert results[0][3] >= 400  # the stranger really held (and re-opened) its connections

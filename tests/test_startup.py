@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from jax_mlxdist import DistributedError, _config
-from jax_mlxdist.testing import mpirun_flags, mpirun_flavour
+from jax_mlxdist.testing import IdleFlood, mpirun_flags, mpirun_flavour
 
 CHECK = textwrap.dedent("""
     import os, sys
@@ -52,6 +52,19 @@ def listening():
     s.bind(("127.0.0.1", 0))
     s.listen(64)
     return s, s.getsockname()[1]
+
+
+def test_coordinator_admits_ranks_past_a_stranger_holding_idle_connections():
+    # The stranger connects before any rank starts and re-opens whatever the coordinator drops.
+    s, port = listening()
+    common = {"MLXDIST_COORDINATOR": f"127.0.0.1:{port}", "MLXDIST_WORLD_SIZE": "3",
+              "MLXDIST_TOKEN": "t0ken", "MLXDIST_TIMEOUT": "20"}
+    with IdleFlood(("127.0.0.1", port), 400):
+        procs = [start({**common, "MLXDIST_RANK": str(r)}) for r in (2, 1)]
+        procs.append(start({**common, "MLXDIST_RANK": "0", "MLXDIST_LISTEN_FDS": str(s.fileno())},
+                           fds=(s.fileno(),)))
+        s.close()
+        finish(procs, 3)
 
 
 @pytest.mark.parametrize("n", [2, 4])

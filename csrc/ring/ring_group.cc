@@ -318,7 +318,7 @@ std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::s
     fail("MLXDIST_LISTEN_FDS has ", listen_fds.size(), " sockets but the hostfile lists ",
          mine.size(), " addresses for rank ", rank);
   for (size_t k = 0; k < mine.size(); ++k)
-    tcp::ensure_listening(mine[k], listen_fds.empty() ? -1 : listen_fds[k]);
+    tcp::ensure_listening(mine[k], listen_fds.empty() ? -1 : listen_fds[k], opts.token);
   std::vector<int> world(n);
   std::iota(world.begin(), world.end(), 0);
   return std::make_shared<RingGroup>(mix_ids(0x776f726c64ull, generation++), rank, std::move(world),

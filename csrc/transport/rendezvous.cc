@@ -26,15 +26,14 @@ std::string read_string(int fd, Deadline d, const std::string& peer) {
   return s;
 }
 
-std::vector<std::string> collect(const std::string& coordinator, int size, Deadline deadline,
-                                 const std::string& token) {
+std::vector<std::string> collect(const std::string& coordinator, int size, Deadline deadline) {
   std::vector<std::string> names;
   std::vector<int> others;
   for (int r = 0; r < size; ++r) {
     names.push_back("rank " + std::to_string(r));
     if (r) others.push_back(r);
   }
-  auto incoming = accept_handshakes(kRendezvousGroup, others, others.size(), deadline, names, token);
+  auto incoming = accept_handshakes(kRendezvousGroup, others, others.size(), deadline, names);
   std::vector<std::string> table(size);
   table[0] = coordinator;
   for (auto& in : incoming) {
@@ -60,7 +59,7 @@ std::vector<std::string> report(const Address& coord, int rank, int size, Deadli
   Address mine{local_ip_towards(coord), 0};
   Socket listener = listen_on(mine);
   mine.port = bound_port(listener.fd());
-  ensure_listening(mine, listener.release());
+  ensure_listening(mine, listener.release(), token);
   const std::string peer = "the coordinator (rank 0) at " + coord.str();
   Socket s = handshake(coord, peer, kRendezvousGroup, rank, 0, token, deadline);
   const uint32_t n = uint32_t(size);
@@ -82,8 +81,8 @@ std::vector<std::string> rendezvous(const std::string& coordinator, int rank, in
                                          std::chrono::duration<double>(timeout_s));
   std::vector<std::string> table;
   if (rank == 0) {
-    ensure_listening(coord, inherited_fd);
-    table = collect(coordinator, size, deadline, token);
+    ensure_listening(coord, inherited_fd, token);
+    table = collect(coordinator, size, deadline);
   } else {
     table = report(coord, rank, size, deadline, token);
   }

@@ -2,8 +2,14 @@
 
 #include <arpa/inet.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <iostream>
 #include <list>
@@ -11,6 +17,7 @@
 #include <mutex>
 #include <numeric>
 #include <set>
+#include <thread>
 
 #include "core/error.h"
 #include "transport/auth.h"
@@ -23,7 +30,6 @@ constexpr uint32_t kHasToken = 1;
 // A connection must greet and answer its challenge within this; port scans and slow-loris
 // connections are dropped after it without holding up the ranks that do greet.
 constexpr auto kHandshakeStage = std::chrono::seconds(5);
-constexpr size_t kMaxPending = 256;
 
 // First bytes on every new connection: which group, member and link it is for.
 struct Hello {
@@ -48,23 +54,12 @@ auth::Mac prove(const std::string& token, const char* who, const Hello& h, const
   return auth::hmac(token, who, &h, sizeof(h), n.data(), n.size());
 }
 
-void log_refused(const std::string& from, const std::string& why) {
-  std::cerr << "[jax_mlxdist] refused a connection from " << from << ": " << why << std::endl;
-}
-
-std::string peer_address(int fd) {
-  sockaddr_in sa{};
-  socklen_t len = sizeof(sa);
-  if (getpeername(fd, reinterpret_cast<sockaddr*>(&sa), &len) != 0) return "an unknown peer";
-  char ip[INET_ADDRSTRLEN] = "?";
-  inet_ntop(AF_INET, &sa.sin_addr, ip, sizeof(ip));
-  return std::string(ip) + ":" + std::to_string(ntohs(sa.sin_port));
-}
-
 // A connection part-way through its handshake. Bytes arrive without blocking anyone.
 struct Pending {
   Socket sock;
-  std::string from;
+  std::string from;    // "ip:port", for the log
+  std::string source;  // ip: admission is counted per source host
+  const std::string* token;  // the job token of the listener it came in on
   bool greeted = false;  // Hello received, challenge sent, waiting for the proof
   Hello hello;
   auth::Nonce nonce{};
@@ -73,6 +68,45 @@ struct Pending {
   Deadline until;
 };
 
+// Admission: unauthenticated connections cost a descriptor and a slot until they prove the
+// token or age out. A stranger may hold any number of idle connections; only the newest few
+// of each source are kept, and when the table is full the oldest connection of the source
+// holding most slots makes room. A rank greets as soon as it connects and finishes within a
+// round trip, so it is never the one evicted unless a flood outruns that round trip.
+size_t max_pending() {
+  rlimit r{};
+  size_t files = getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur != RLIM_INFINITY ? r.rlim_cur : 4096;
+  return std::clamp<size_t>(files / 4, 8, 256);
+}
+
+// One line per reason and second at most: a flood of strangers must not flood the log too.
+class RefusalLog {
+ public:
+  void note(const std::string& from, const std::string& why) {
+    auto now = Clock::now();
+    Entry& e = entries_[why];
+    if (e.logged && now - e.last < std::chrono::seconds(1)) {
+      ++e.quiet;
+      return;
+    }
+    std::cerr << "[jax_mlxdist] refused a connection from " << from << ": " << why;
+    if (e.quiet) std::cerr << " (and " << e.quiet << " more for this reason since the last line)";
+    std::cerr << std::endl;
+    e = Entry{true, 0, now};
+  }
+
+ private:
+  struct Entry {
+    bool logged = false;
+    size_t quiet = 0;
+    Deadline last{};
+  };
+  std::map<std::string, Entry> entries_;
+};
+
+// Owns every listening socket of the process and accepts on a thread of its own, all the
+// time, so strangers never pile up in a listen backlog and a group forming later finds room.
+// Authenticated connections are filed by the group they announce until that group takes them.
 class Acceptor {
  public:
   static Acceptor& get() {
@@ -80,44 +114,34 @@ class Acceptor {
     return *a;
   }
 
-  void ensure_listening(const Address& addr, int inherited_fd) {
+  void ensure_listening(const Address& addr, int inherited_fd, const std::string& token) {
     std::lock_guard<std::mutex> lock(mu_);
     if (listeners_.count(addr.str())) return;
     Socket s = inherited_fd >= 0 ? Socket(inherited_fd) : listen_on(addr);
     tune_for_data(s.fd());  // non-blocking accepts
-    listeners_[addr.str()] = std::move(s);
+    listeners_[addr.str()] = Listener{std::move(s), std::make_unique<std::string>(token)};
+    if (!thread_.joinable()) {
+      wake_ = Socket(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+      if (!wake_.valid()) fail("eventfd: ", std::strerror(errno));
+      thread_ = std::thread([this] { loop(); });
+      thread_.detach();
+    } else {
+      const uint64_t one = 1;
+      (void)!::write(wake_.fd(), &one, sizeof(one));
+    }
   }
 
-  // Completes handshakes until `expected` authenticated connections for `group` arrived;
-  // authenticated connections for other groups are kept for them.
+  // Waits until `expected` authenticated connections for `group` arrived.
   std::vector<Incoming> accept_for(uint64_t group, const std::vector<int>& from, size_t expected,
-                                   Deadline deadline, const std::vector<std::string>& names,
-                                   const std::string& token) {
-    std::lock_guard<std::mutex> lock(mu_);
+                                   Deadline deadline, const std::vector<std::string>& names) {
+    std::unique_lock<std::mutex> lock(mu_);
     std::vector<Incoming> got;
-    auto range = stash_.equal_range(group);
-    for (auto it = range.first; it != range.second; ++it) got.push_back(std::move(it->second));
-    stash_.erase(group);
-    while (got.size() < expected) {
-      std::vector<pollfd> pfds;
-      for (auto& [_, s] : listeners_) pfds.push_back(pollfd{s.fd(), POLLIN, 0});
-      Deadline wake = deadline;
-      for (auto& p : pending_) {
-        pfds.push_back(pollfd{p.sock.fd(), POLLIN, 0});
-        wake = std::min(wake, p.until);
-      }
-      auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(wake - Clock::now()).count();
-      ::poll(pfds.data(), pfds.size(), int(std::max<long long>(0, ms)));
-      size_t i = 0;
-      for (auto& [_, s] : listeners_)
-        if (pfds[i++].revents) accept_new(s.fd());
-      for (auto it = pending_.begin(); it != pending_.end(); ++i) {
-        bool keep = pfds.size() > i && pfds[i].revents ? advance(*it, group, token, got)
-                                                        : Clock::now() < it->until;
-        if (!keep && it->sock.valid()) log_refused(it->from, "no complete greeting in time");
-        it = keep ? std::next(it) : pending_.erase(it);
-      }
-      if (got.size() < expected && Clock::now() >= deadline) {
+    for (;;) {
+      auto range = stash_.equal_range(group);
+      for (auto it = range.first; it != range.second; ++it) got.push_back(std::move(it->second));
+      stash_.erase(group);
+      if (got.size() >= expected) return got;
+      if (arrived_.wait_until(lock, deadline) == std::cv_status::timeout && !stash_.count(group)) {
         std::set<int> seen;
         for (auto& in : got) seen.insert(in.src);
         std::string missing;
@@ -126,30 +150,98 @@ class Acceptor {
         fail("timed out waiting for connections from:", missing);
       }
     }
-    return got;
   }
 
  private:
-  void accept_new(int listener) {
+  struct Listener {
+    Socket sock;
+    std::unique_ptr<std::string> token;  // stable address: pending connections point at it
+  };
+
+  void loop() {
+    pthread_setname_np(pthread_self(), "mlxdist-accept");
+    std::vector<pollfd> pfds;
     for (;;) {
-      Socket s(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
-      if (!s.valid()) return;
-      std::string from = peer_address(s.fd());
-      if (pending_.size() >= kMaxPending) {
-        log_refused(from, "too many unfinished handshakes");
-        continue;
+      std::unique_lock<std::mutex> lock(mu_);
+      pfds.clear();
+      pfds.push_back(pollfd{wake_.fd(), POLLIN, 0});
+      for (auto& [_, l] : listeners_) pfds.push_back(pollfd{l.sock.fd(), POLLIN, 0});
+      Deadline wake = Clock::now() + std::chrono::hours(1);
+      for (auto& p : pending_) {
+        pfds.push_back(pollfd{p.sock.fd(), POLLIN, 0});
+        wake = std::min(wake, p.until);
       }
-      pending_.push_back(Pending{std::move(s), from});
-      pending_.back().until = Clock::now() + kHandshakeStage;
+      auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(wake - Clock::now()).count();
+      lock.unlock();
+      ::poll(pfds.data(), pfds.size(), int(std::clamp<long long>(ms + 1, 0, 1 << 30)));
+      lock.lock();
+      if (pfds[0].revents) {
+        uint64_t count;
+        (void)!::read(wake_.fd(), &count, sizeof(count));
+      }
+      // Handshakes already under way first, so a rank's greeting is read before any eviction.
+      size_t i = 1 + listeners_.size();
+      bool filed = false;
+      for (auto it = pending_.begin(); it != pending_.end(); ++i) {
+        const bool ready = i < pfds.size() && pfds[i].fd == it->sock.fd() && pfds[i].revents;
+        bool keep = ready ? advance(*it, filed) : Clock::now() < it->until;
+        if (!keep && it->sock.valid()) log_.note(it->from, "no complete greeting in time");
+        it = keep ? std::next(it) : pending_.erase(it);
+      }
+      i = 1;
+      for (auto& [_, l] : listeners_)
+        if (pfds[i++].revents) accept_new(l);
+      if (filed) arrived_.notify_all();
     }
   }
 
+  void accept_new(Listener& l) {
+    for (;;) {
+      Socket s(::accept4(l.sock.fd(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+      if (!s.valid()) {
+        // Out of descriptors: drop the oldest stranger and try again.
+        if ((errno == EMFILE || errno == ENFILE) && evict()) continue;
+        return;
+      }
+      sockaddr_in sa{};
+      socklen_t len = sizeof(sa);
+      std::string source = "?", from = "an unknown peer";
+      if (getpeername(s.fd(), reinterpret_cast<sockaddr*>(&sa), &len) == 0) {
+        char ip[INET_ADDRSTRLEN] = "?";
+        inet_ntop(AF_INET, &sa.sin_addr, ip, sizeof(ip));
+        source = ip;
+        from = source + ":" + std::to_string(ntohs(sa.sin_port));
+      }
+      if (pending_.size() >= limit_) evict();
+      Pending p{std::move(s), from, source, l.token.get()};
+      p.until = Clock::now() + kHandshakeStage;
+      pending_.push_back(std::move(p));
+    }
+  }
+
+  // Closes the oldest unfinished handshake of the source holding most of them.
+  bool evict() {
+    if (pending_.empty()) return false;
+    std::map<std::string, size_t> per_source;
+    for (auto& p : pending_) ++per_source[p.source];
+    auto busiest = std::max_element(per_source.begin(), per_source.end(),
+                                    [](auto& a, auto& b) { return a.second < b.second; });
+    for (auto it = pending_.begin(); it != pending_.end(); ++it)
+      if (it->source == busiest->first) {
+        log_.note(it->from, "too many unfinished handshakes from its host (the oldest makes room)");
+        pending_.erase(it);
+        return true;
+      }
+    return false;
+  }
+
   // Reads what arrived; returns false when the connection is finished with (filed or refused).
-  bool advance(Pending& p, uint64_t group, const std::string& token, std::vector<Incoming>& got) {
+  bool advance(Pending& p, bool& filed) {
+    const std::string& token = *p.token;
     const size_t want = p.greeted ? sizeof(auth::Mac) : sizeof(Hello);
     ssize_t n = ::recv(p.sock.fd(), p.buf.data() + p.got, want - p.got, MSG_DONTWAIT);
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-      log_refused(p.from, "closed during the handshake");
+      log_.note(p.from, "closed during the handshake");
       p.sock.close();
       return false;
     }
@@ -159,7 +251,7 @@ class Acceptor {
     if (!p.greeted) {
       std::memcpy(&p.hello, p.buf.data(), sizeof(Hello));
       if (p.hello.magic != kHelloMagic) {
-        log_refused(p.from, "not a jax_mlxdist greeting");
+        log_.note(p.from, "not a jax_mlxdist greeting");
         p.sock.close();
         return false;
       }
@@ -168,16 +260,15 @@ class Acceptor {
       if (bool(p.hello.flags & kHasToken) != !token.empty()) {
         // Say which side has a token (best effort), so the connector can report it.
         ::send(p.sock.fd(), &c, sizeof(c), MSG_NOSIGNAL | MSG_DONTWAIT);
-        log_refused(p.from, token.empty() ? "it proves a job token (MLXDIST_TOKEN) and this rank has none"
-                                          : "it has no job token (MLXDIST_TOKEN) and this rank requires one");
+        log_.note(p.from, token.empty() ? "it proves a job token (MLXDIST_TOKEN) and this rank has none"
+                                        : "it has no job token (MLXDIST_TOKEN) and this rank requires one");
         p.sock.close();
         return false;
       }
       c.nonce = p.nonce = auth::random_nonce();
       c.mac = prove(token, "server", p.hello, c.nonce);
-      try {
-        write_exact(p.sock.fd(), &c, sizeof(c), Clock::now() + kHandshakeStage, p.from);
-      } catch (const DistError&) {
+      // A fresh socket's buffer always takes 56 bytes; one that does not is not worth waiting for.
+      if (::send(p.sock.fd(), &c, sizeof(c), MSG_NOSIGNAL | MSG_DONTWAIT) != ssize_t(sizeof(c))) {
         p.sock.close();
         return false;
       }
@@ -188,22 +279,24 @@ class Acceptor {
     auth::Mac proof;
     std::memcpy(proof.data(), p.buf.data(), proof.size());
     if (!auth::equal(proof, prove(token, "client", p.hello, p.nonce))) {
-      log_refused(p.from, "wrong job token (MLXDIST_TOKEN)");
+      log_.note(p.from, "wrong job token (MLXDIST_TOKEN)");
       p.sock.close();
       return false;
     }
-    Incoming in{int(p.hello.src), int(p.hello.link), std::move(p.sock)};
-    if (p.hello.group == group)
-      got.push_back(std::move(in));
-    else
-      stash_.emplace(p.hello.group, std::move(in));
+    stash_.emplace(p.hello.group, Incoming{int(p.hello.src), int(p.hello.link), std::move(p.sock)});
+    filed = true;
     return false;
   }
 
   std::mutex mu_;
-  std::map<std::string, Socket> listeners_;
+  std::condition_variable arrived_;
+  std::map<std::string, Listener> listeners_;
   std::list<Pending> pending_;
   std::multimap<uint64_t, Incoming> stash_;
+  const size_t limit_ = max_pending();
+  RefusalLog log_;
+  Socket wake_;
+  std::thread thread_;
 };
 
 }  // namespace
@@ -234,13 +327,12 @@ Socket handshake(const Address& a, const std::string& peer, uint64_t group, int 
 
 std::vector<Incoming> accept_handshakes(uint64_t group, const std::vector<int>& from,
                                         size_t expected, Deadline deadline,
-                                        const std::vector<std::string>& names,
-                                        const std::string& token) {
-  return Acceptor::get().accept_for(group, from, expected, deadline, names, token);
+                                        const std::vector<std::string>& names) {
+  return Acceptor::get().accept_for(group, from, expected, deadline, names);
 }
 
-void ensure_listening(const Address& addr, int inherited_fd) {
-  Acceptor::get().ensure_listening(addr, inherited_fd);
+void ensure_listening(const Address& addr, int inherited_fd, const std::string& token) {
+  Acceptor::get().ensure_listening(addr, inherited_fd, token);
 }
 
 std::unique_ptr<TcpLinks> connect_mesh(const std::vector<std::vector<Address>>& addrs,
@@ -263,7 +355,7 @@ std::unique_ptr<TcpLinks> connect_mesh(const std::vector<std::vector<Address>>& 
 
   std::vector<int> lower(me);
   std::iota(lower.begin(), lower.end(), 0);
-  auto incoming = accept_handshakes(group, lower, size_t(me) * k_links, deadline, names, token);
+  auto incoming = accept_handshakes(group, lower, size_t(me) * k_links, deadline, names);
   for (auto& in : incoming) {
     if (in.src >= me || in.link >= k_links || sockets[in.src][in.link].valid())
       fail("unexpected connection claiming to be member ", in.src, " link ", in.link,

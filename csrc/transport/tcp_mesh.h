@@ -12,9 +12,10 @@
 
 namespace mlxdist::tcp {
 
-// Start listening on addr, or adopt an already-listening inherited fd (>= 0) for it.
+// Start listening on addr, or adopt an already-listening inherited fd (>= 0) for it; a thread
+// accepts there from then on, admitting connections that prove token (empty: no token).
 // Idempotent per address, so a group can be closed and initialised again.
-void ensure_listening(const Address& addr, int inherited_fd);
+void ensure_listening(const Address& addr, int inherited_fd, const std::string& token);
 
 // An authenticated connection from member src of a group, on its link.
 struct Incoming {
@@ -32,8 +33,7 @@ Socket handshake(const Address& a, const std::string& peer, uint64_t group, int 
 // `from`, named by names[src] when some are missing at the deadline).
 std::vector<Incoming> accept_handshakes(uint64_t group, const std::vector<int>& from,
                                         size_t expected, Deadline deadline,
-                                        const std::vector<std::string>& names,
-                                        const std::string& token);
+                                        const std::vector<std::string>& names);
 
 // Connects this member (me) of a new group with every other member, links_per_peer sockets per
 // pair: lower ranks connect to higher ones' addrs[peer][link]. names[i] labels member i.

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -205,3 +206,44 @@ def _collect(procs, outputs, result_paths, hung, timeout) -> list[Any]:
             report += f"\n\n--- rank {r} output (last {OUTPUT_TAIL} lines) ---\n{_tail(path)}"
         raise RanksFailed(report, results)
     return results
+
+
+class IdleFlood:
+    """A stranger holding `count` idle TCP connections to target (host, port), re-opening each
+    one the server closes, until stop(): what a port-exhausting neighbour does to a job."""
+
+    def __init__(self, target: tuple[str, int], count: int = 400):
+        import selectors
+        import socket
+        self._target, self._count = target, count
+        self._socket = socket
+        self._sel = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self.opened = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "IdleFlood":
+        for _ in range(self._count):
+            self._open()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for key in list(self._sel.get_map().values()):
+            key.fileobj.close()
+
+    def _open(self) -> None:
+        s = self._socket.socket()
+        s.setblocking(False)
+        s.connect_ex(self._target)  # never greets: an idle connection
+        self._sel.register(s, 1)  # EVENT_READ: the server closing it
+        self.opened += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(timeout=0.05):
+                self._sel.unregister(key.fileobj)
+                key.fileobj.close()
+                self._open()
