@@ -180,6 +180,9 @@ def test_header_mutations_are_named(mine, flips):
         assert "not a jax_mlxdist message" in err
     elif theirs[8:16] != mine[8:16]:
         assert "group mismatch" in err
+    elif mine[4] == theirs[4] == 4:  # point to point: the receiver checks a send
+        assert err.startswith("send/recv mismatch: this rank called recv(")
+        assert "the peer called send(" in err
     else:  # both calls are described, whatever the op/dtype codes say
         assert err.startswith("collective mismatch: this rank called ") and "the peer called" in err
 

@@ -148,31 +148,6 @@ def test_second_thread_on_a_group_is_refused():
         assert out["sub"] == 2.0 and out["after"] == 6.0 and out["sub after worker"] == 2.0
 
 
-def _wait_for_peer_hangup(timeout):
-    """Blocks until a peer closes one of this rank's connections (bounded)."""
-    import os
-    import select
-    import socket
-    poller = select.poll()
-    socks = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            s = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
-            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
-                s.getpeername()
-                socks.append(s)
-                poller.register(s, select.POLLRDHUP)
-            else:
-                s.close()
-        except OSError:
-            continue
-    try:
-        return bool(poller.poll(timeout * 1000))
-    finally:
-        for s in socks:
-            s.close()
-
-
 def body_unmatched_send():
     import time
     import jax.numpy as jnp
@@ -198,7 +173,8 @@ def body_unmatched_send():
         took = time.monotonic() - t
         later = _error(lambda: dist.all_sum(jnp.float32(1)))
     else:
-        assert _wait_for_peer_hangup(60), "rank 0 never gave up"
+        from jax_mlxdist.testing import wait_for_peer_hangup
+        assert wait_for_peer_hangup(60), "rank 0 never gave up"
         err, took = None, 0.0
         later = _error(lambda: dist.all_sum(jnp.float32(1)))
     side_ok = float(dist.all_sum(jnp.float32(1), group=side))  # another group is unaffected

@@ -91,7 +91,7 @@ void Engine::loop() {
       } catch (const std::exception& e) {
         error = task.what + " on " + group_->label() + ": " + e.what();
         failure_ = error;
-        group_->abort();
+        group_->abort(error);
       }
     }
     task.done(error);

@@ -35,10 +35,12 @@ class Group {
   virtual void barrier() = 0;
   // Collective over this group; ranks of one color form a new group ordered by (key, rank).
   virtual std::shared_ptr<Group> split(int color, int key) = 0;
-  // Drop all connections (peers then fail fast instead of waiting for the timeout).
-  virtual void abort() = 0;
+  // After a failure: tell the peers why (best effort, so a survivor's error names the cause
+  // and no survivor completes a call this rank abandoned), then drop all connections (peers
+  // fail fast instead of waiting for the timeout).
+  virtual void abort(const std::string& why) = 0;
   // Release the connections after the last op, letting bytes already sent arrive.
-  virtual void close() { abort(); }
+  virtual void close() { abort(""); }
   // A failure found after its op returned (asynchronous backends) that no call has raised yet.
   virtual std::string unreported_failure() const { return ""; }
 

@@ -6,13 +6,15 @@
 
 namespace mlxdist {
 
-std::string describe(const Header& h) {
+namespace {
+
+std::string describe_as(const Header& h, const char* p2p) {
   std::ostringstream os;
   switch (h.op) {
     case OpCode::kAllReduce: os << "all_" << reduce_name(h.reduce); break;
     case OpCode::kAllGather: os << "all_gather"; break;
     case OpCode::kReduceScatter: os << (h.reduce == ReduceOp::kSum ? "sum_scatter" : "reduce_scatter"); break;
-    case OpCode::kSend: os << "send/recv"; break;
+    case OpCode::kSend: os << p2p; break;
     case OpCode::kBarrier: os << "barrier"; break;
     case OpCode::kSplit: os << "split"; break;
     case OpCode::kSetup: os << "group set-up"; break;
@@ -25,6 +27,10 @@ std::string describe(const Header& h) {
   return os.str();
 }
 
+}  // namespace
+
+std::string describe(const Header& h) { return describe_as(h, "send/recv"); }
+
 void check_header(const Header& mine, const Header& theirs, const std::string& me,
                   const std::string& peer) {
   if (theirs.magic != kHeaderMagic)
@@ -34,9 +40,13 @@ void check_header(const Header& mine, const Header& theirs, const std::string& m
     fail("group mismatch: ", me, " is in group ", hex(mine.group), " but ", peer,
          " sent a message for group ", hex(theirs.group));
   if (theirs.op != mine.op || theirs.dtype != mine.dtype || theirs.reduce != mine.reduce ||
-      theirs.seq != mine.seq || theirs.tag != mine.tag || theirs.nbytes != mine.nbytes || theirs.shape_hash != mine.shape_hash)
-    fail("collective mismatch: ", me, " called ", describe(mine), " but ", peer, " called ",
-         describe(theirs));
+      theirs.seq != mine.seq || theirs.tag != mine.tag || theirs.nbytes != mine.nbytes || theirs.shape_hash != mine.shape_hash) {
+    // Point-to-point headers are checked by the receiver: mine is a recv, theirs a send.
+    const bool p2p = mine.op == OpCode::kSend;
+    fail(p2p && theirs.op == OpCode::kSend ? "send/recv mismatch: " : "collective mismatch: ",
+         me, " called ", describe_as(mine, "recv"), " but ", peer, " called ",
+         describe_as(theirs, "send"));
+  }
 }
 
 }  // namespace mlxdist

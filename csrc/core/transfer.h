@@ -63,7 +63,8 @@ class Links {
   virtual void close() = 0;  // graceful: bytes already handed over are still delivered
   // After a failure: drop everything now, so peers fail at once even when unsent bytes (which
   // would hold back a graceful close's FIN behind a full window) are queued.
-  virtual void reset() { close(); }
+  // why: the failure, left for the peers where the transport can (a farewell); "" for none.
+  virtual void reset(const std::string& why) { (void)why; close(); }
 };
 
 }  // namespace mlxdist

@@ -55,7 +55,10 @@ JacclGroup::JacclGroup(std::shared_ptr<ring::RingGroup> control, Options opts)
 
 JacclGroup::~JacclGroup() { close(); }
 
-void JacclGroup::abort() { control_->abort(); }
+void JacclGroup::abort(const std::string& why) {
+  if (qp_) qp_->abort(why);
+  control_->abort(why);
+}
 
 void JacclGroup::close() {
   if (qp_) qp_->close();
@@ -133,7 +136,9 @@ std::shared_ptr<Group> JacclGroup::split(int color, int key) {
   // The split itself runs on the control ring, which a peer inside another op never reads: first
   // the same header check as every op, on the data path, so a split against an all_sum raises
   // on both ranks at once, naming both calls, instead of waiting out the timeout.
-  if (!ring_) {
+  if (ring_) {
+    ring_->gather_split(color, key);
+  } else {
     const Header h = header(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0, seq_++);
     jaccl::all_gather(*mesh_, h, nullptr, nullptr, 0);
   }

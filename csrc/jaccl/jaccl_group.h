@@ -43,7 +43,7 @@ class JacclGroup : public Group {
   void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
   void barrier() override;
   std::shared_ptr<Group> split(int color, int key) override;
-  void abort() override;
+  void abort(const std::string& why) override;
   void close() override;
 
  private:

@@ -10,6 +10,11 @@
 namespace mlxdist::mpi {
 namespace {
 
+// A failed rank's farewell to its peers: its error text, on a tag no op uses (send/recv use
+// 2 * tag and 2 * tag + 1 for tags below 256; MPI guarantees tags up to 32767).
+constexpr int kFarewellTag = 32000;
+constexpr size_t kFarewellBytes = 4096;
+
 // Our own kernels as MPI ops where MPI's builtins differ from the ring (NaN propagates
 // through max/min, as the ring and numpy do).
 template <DType T, ReduceOp R>
@@ -73,6 +78,7 @@ void MpiGroup::wait(Handle& req, const std::string& what) {
     }
     if (done) return;
     const auto now = steady_clock::now();
+    if (now - start > milliseconds(20)) check_farewells();  // a peer may never come: ask why
     if (now >= deadline) {
       failed_ = lib_.failed = true;  // the request stays posted: MPI cannot cancel it
       fail(what, ": no progress within MLXDIST_TIMEOUT=", timeout_s_, "s (a peer stalled, died, ",
@@ -233,9 +239,44 @@ std::shared_ptr<Group> MpiGroup::split(int color, int key) {
                                     timeout_s_);
 }
 
-void MpiGroup::abort() {
-  // MPI cannot drop a communicator's traffic; a failed group just stops being used.
+void MpiGroup::abort(const std::string& why) {
+  // MPI cannot drop a communicator's traffic; a failed group just stops being used. Its peers
+  // learn why from a farewell, which they look for while they wait on this rank.
   failed_ = true;
+  if (why.empty() || !farewell_.empty()) return;
+  farewell_.assign(kFarewellBytes, '\0');
+  std::memcpy(farewell_.data(), why.data(), std::min(why.size(), kFarewellBytes - 1));
+  std::lock_guard<std::mutex> lock(lib_.mu);
+  for (int r = 0; r < size_; ++r) {
+    Handle req = nullptr;  // never completed if the peer is gone: the group is not freed
+    if (r != rank_)
+      lib_.Isend(farewell_.data(), int(kFarewellBytes), lib_.byte, r, kFarewellTag, comm_, &req);
+  }
+}
+
+void MpiGroup::check_farewells() {
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    int waiting = 0;
+    {
+      std::lock_guard<std::mutex> lock(lib_.mu);
+      check(lib_, lib_.Iprobe(r, kFarewellTag, comm_, &waiting, lib_.status_ignore), "MPI_Iprobe");
+    }
+    if (!waiting) continue;
+    std::vector<char> text(kFarewellBytes, '\0');
+    Handle req = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(lib_.mu);
+      check(lib_, lib_.Irecv(text.data(), int(kFarewellBytes), lib_.byte, r, kFarewellTag, comm_,
+                             &req), "MPI_Irecv");
+    }
+    for (int done = 0; !done;) {  // already arrived: completes at once
+      std::lock_guard<std::mutex> lock(lib_.mu);
+      check(lib_, lib_.Test(&req, &done, lib_.status_ignore), "MPI_Test");
+    }
+    text.back() = '\0';
+    fail("rank ", r, " left the group after an error: ", text.data());
+  }
 }
 
 void MpiGroup::close() {

@@ -35,7 +35,7 @@ class MpiGroup : public Group {
   void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
   void barrier() override;
   std::shared_ptr<Group> split(int color, int key) override;
-  void abort() override;
+  void abort(const std::string& why) override;
   void close() override;
 
  private:
@@ -48,6 +48,8 @@ class MpiGroup : public Group {
   // Reduction in MPI: float16/bfloat16 travel widened to float32 (as the ring accumulates).
   void reduce(const void* in, void* out, size_t count, DType t, ReduceOp op, bool scatter);
   Handle op_for(DType t, ReduceOp op) const;
+  // Throws with the reason a peer left, if one sent its farewell (checked while waiting long).
+  void check_farewells();
 
   Lib& lib_;
   Handle comm_;
@@ -60,6 +62,7 @@ class MpiGroup : public Group {
   std::vector<float> wide_in_, wide_out_;
   std::vector<char> scratch_;
   bool failed_ = false;
+  std::vector<char> farewell_;  // ours, kept alive for the sends that carry it
 };
 
 // The world group: a duplicate of MPI_COMM_WORLD (so the program's own MPI traffic never

@@ -157,13 +157,13 @@ std::string NcclGroup::unreported_failure() const {
   return failure_reported_ ? "" : failure_;
 }
 
-void NcclGroup::abort() {
+void NcclGroup::abort(const std::string& why) {
   std::lock_guard<std::mutex> ops(ops_mu_);  // the control ring is not in use meanwhile
   {
     std::lock_guard<std::mutex> lock(mu_);
     fail_locked("the group was aborted after an error", true);
   }
-  control_->abort();
+  control_->abort(why);
 }
 
 void NcclGroup::drain() {
@@ -272,7 +272,7 @@ void NcclGroup::guarded(Body&& body) {
       std::lock_guard<std::mutex> lock(mu_);
       fail_locked(e.what(), true);
     }
-    control_->abort();
+    control_->abort(e.what());
     throw;
   }
 }

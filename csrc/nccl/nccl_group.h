@@ -50,7 +50,7 @@ class NcclGroup : public Group {
   void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
   void barrier() override;
   std::shared_ptr<Group> split(int color, int key) override;
-  void abort() override;
+  void abort(const std::string& why) override;
   void close() override;
   std::string unreported_failure() const override;
 

@@ -61,8 +61,8 @@ RingGroup::RingGroup(uint64_t id, int rank, int size, std::unique_ptr<Links> lin
 
 RingGroup::~RingGroup() { close(); }
 
-void RingGroup::abort() {
-  if (links_) links_->reset();
+void RingGroup::abort(const std::string& why) {
+  if (links_) links_->reset(why);
 }
 
 void RingGroup::close() {
@@ -187,16 +187,20 @@ void RingGroup::barrier() {
   ring::all_gather(ctx, nullptr, 1, Layout::blocks_of(0, size()));
 }
 
+std::vector<int32_t> RingGroup::gather_split(int color, int key) {
+  const int n = size();
+  std::vector<int32_t> all(2 * n);
+  Context ctx(*this, header(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0, seq_++));
+  all[2 * rank_] = color;
+  all[2 * rank_ + 1] = key;
+  ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), 4, Layout::blocks_of(2, n));
+  return all;
+}
+
 std::shared_ptr<Group> RingGroup::split(int color, int key) {
   if (!book_) fail("internal: this ring runs over another backend's links and cannot split");
   const int n = size();
-  std::vector<int32_t> all(2 * n);
-  {
-    Context ctx(*this, header(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0, seq_++));
-    all[2 * rank_] = color;
-    all[2 * rank_ + 1] = key;
-    ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), 4, Layout::blocks_of(2, n));
-  }
+  std::vector<int32_t> all = gather_split(color, key);
   std::vector<int> members;  // parent ranks with my color, ordered by (key, parent rank)
   for (int i = 0; i < n; ++i)
     if (all[2 * i] == color) members.push_back(i);

@@ -55,7 +55,9 @@ class RingGroup : public Group {
   void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
   void barrier() override;
   std::shared_ptr<Group> split(int color, int key) override;
-  void abort() override;
+  // A split's first step, checked like every op: every member's (color, key), member-major.
+  std::vector<int32_t> gather_split(int color, int key);
+  void abort(const std::string& why) override;
   void close() override;
 
   // For groups that run their data elsewhere and use this one as their control channel:

@@ -151,6 +151,7 @@ Lib* resolve(void* h, const std::string& path, std::string* why) {
   bind(h, "MPI_Irecv", lib->Irecv, missing);
   bind(h, "MPI_Ibarrier", lib->Ibarrier, missing);
   bind(h, "MPI_Test", lib->Test, missing);
+  bind(h, "MPI_Iprobe", lib->Iprobe, missing);
   if (!missing.empty()) {
     *why = path + " lacks " + missing + " (an MPI-3 library is needed)";
     delete lib;

@@ -45,6 +45,7 @@ struct Lib {
   int (*Irecv)(void*, int, Handle, int, int, Handle, Handle*);
   int (*Ibarrier)(Handle, Handle*);
   int (*Test)(Handle*, int*, void*);
+  int (*Iprobe)(int, int, Handle, int*, void*);
 
   // Every call into MPI holds this: groups run on their own threads, and a library that
   // offers less than MPI_THREAD_MULTIPLE must see one call at a time.

@@ -44,8 +44,22 @@ void Doorbell::wait(uint32_t seen, Clock::duration nap) {
   sleepers.fetch_sub(1, std::memory_order_acq_rel);
 }
 
-// Shared layout, identical in every process of the group.
+void Farewell::say(const std::string& why) {
+  if (said.load(std::memory_order_acquire)) return;
+  len = uint32_t(std::min(why.size(), sizeof(text)));
+  std::memcpy(text, why.data(), len);
+  said.store(1, std::memory_order_release);
+}
+
+std::string Farewell::heard() const {
+  if (!said.load(std::memory_order_acquire)) return "";
+  return std::string(text, std::min<size_t>(len, sizeof(text)));
+}
+
+// Shared layout, identical in every process of the group: doorbell, farewell, rings.
 static_assert(sizeof(Doorbell) == 2 * kAlign, "the doorbell heads every segment");
+static_assert(sizeof(Farewell) % kAlign == 0, "the rings stay aligned");
+constexpr size_t kRingsAt = sizeof(Doorbell) + sizeof(Farewell);
 struct ShmLinks::RingHeader {
   alignas(kAlign) std::atomic<uint64_t> head;  // bytes ever written (producer only)
   alignas(kAlign) std::atomic<uint64_t> tail;  // bytes ever read (consumer only)
@@ -62,7 +76,7 @@ std::string host_identity() {
 }
 
 size_t Segment::bytes_for(int peers, int links, size_t ring_bytes) {
-  return kAlign * 2 + size_t(peers) * links * (sizeof(ShmLinks::RingHeader) + ring_bytes);
+  return kRingsAt + size_t(peers) * links * (sizeof(ShmLinks::RingHeader) + ring_bytes);
 }
 
 std::unique_ptr<Segment> Segment::create(int peers, int links, size_t ring_bytes) {
@@ -128,21 +142,42 @@ Doorbell* ShmLinks::mailbox(int owner) const {
 
 ShmLinks::RingHeader* ShmLinks::ring(int owner, int from, int link) const {
   size_t slot = size_t(from) * links_ + size_t(link);
-  char* p = segments_[owner]->base() + kAlign * 2 + slot * (sizeof(RingHeader) + ring_bytes_);
+  char* p = segments_[owner]->base() + kRingsAt + slot * (sizeof(RingHeader) + ring_bytes_);
   return reinterpret_cast<RingHeader*>(p);
+}
+
+Farewell* ShmLinks::farewell(int owner) const {
+  return reinterpret_cast<Farewell*>(segments_[owner]->base() + sizeof(Doorbell));
+}
+
+void ShmLinks::check_farewells(const std::vector<int>& peers) const {
+  for (int p : peers)
+    if (p != me_) {
+      std::string why = farewell(p)->heard();
+      if (!why.empty()) fail(describe_peer(p), " left the group after an error: ", why);
+    }
 }
 
 void ShmLinks::close() {
   tcp_->close();  // peers notice at their next liveness check
 }
 
+void ShmLinks::reset(const std::string& why) {
+  farewell(me_)->say(why.empty() ? "it left during an op" : why);
+  for (int p = 0; p < n_; ++p)
+    if (p != me_) mailbox(p)->ring();  // a peer asleep waiting for us wakes and reads it
+  tcp_->reset(why);
+}
+
 void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   // One FIFO per ring (peer, link, direction), as on TCP, so both sides agree on byte order.
   std::map<std::tuple<bool, int, int>, std::vector<Cursor>> queues;
   std::map<std::tuple<bool, int, int>, size_t> heads;
+  std::vector<int> peers;
   for (auto& t : transfers) {
     if (t.peer < 0 || t.peer >= n_ || t.peer == me_) fail("internal: bad peer ", t.peer);
     queues[{!t.is_send, t.peer, t.link % links_}].push_back(Cursor{&t});
+    if (std::find(peers.begin(), peers.end(), t.peer) == peers.end()) peers.push_back(t.peer);
   }
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
   Doorbell* mine = mailbox(me_);
@@ -201,7 +236,11 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         progressed = true;
       }
     }
-    if (!pending) return;
+    if (!pending) {
+      // What the peers left is used only if none of them abandoned this call.
+      check_farewells(peers);
+      return;
+    }
     auto now = Clock::now();
     if (progressed) {
       rechecked = false;
@@ -214,6 +253,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
       continue;
     }
     // Nothing moved for a while: sleep on our doorbell, waking to check peers are alive.
+    check_farewells(waiting_on);
     std::string lost = tcp_->lost_peers(waiting_on);  // only peers we wait for: others may be done
     if (!lost.empty()) {
       // A peer may write its last bytes and exit between our look at its ring and this check:

@@ -33,6 +33,17 @@ struct Doorbell {
   void wait(uint32_t seen, Clock::duration nap);
 };
 
+// Where a rank that failed leaves why, in its own segment, before it drops its connections.
+// Bytes a peer left in shared memory stay readable after it failed or exited, so a survivor
+// looks here before it completes a call with that peer: a call the peer abandoned raises.
+struct Farewell {
+  alignas(128) std::atomic<uint32_t> said;
+  uint32_t len;
+  char text[4088];
+  void say(const std::string& why);
+  std::string heard() const;  // "" while the owner has not failed
+};
+
 inline void cpu_relax() {
 #if defined(__x86_64__)
   __builtin_ia32_pause();
@@ -75,12 +86,16 @@ class ShmLinks : public Links {
   void run(std::vector<Transfer>& transfers, Deadline deadline) override;
   std::string describe_peer(int peer) const override { return tcp_->describe_peer(peer); }
   void close() override;
+  void reset(const std::string& why) override;
 
   struct RingHeader;  // shared layout, in shm.cc
 
  private:
   RingHeader* ring(int owner, int from, int link) const;
   Doorbell* mailbox(int owner) const;
+  Farewell* farewell(int owner) const;
+  // Throws naming the first of peers that left a farewell.
+  void check_farewells(const std::vector<int>& peers) const;
 
   std::unique_ptr<tcp::TcpLinks> tcp_;
   int me_;

@@ -33,12 +33,15 @@ size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 struct ShmQueuePairs::Layout {
   Doorbell bell;
+  Farewell farewell;
   RecvQueue queue[1];  // one per rank (the owner's own is unused); the arena follows
 };
 
 namespace {
 
-size_t arena_offset(int n) { return round_up(sizeof(Doorbell) + n * sizeof(RecvQueue), kPage); }
+size_t arena_offset(int n) {
+  return round_up(sizeof(Doorbell) + sizeof(Farewell) + n * sizeof(RecvQueue), kPage);
+}
 
 }  // namespace
 
@@ -84,6 +87,17 @@ ShmQueuePairs::ShmQueuePairs(int me, int n, size_t arena_bytes, const verbs::All
 ShmQueuePairs::~ShmQueuePairs() { close(); }
 
 void ShmQueuePairs::close() {}  // the segments stay mapped until destruction: peers may still read
+
+void ShmQueuePairs::abort(const std::string& why) {
+  layout(me_)->farewell.say(why.empty() ? "it left during an op" : why);
+  for (int p = 0; p < n_; ++p)
+    if (p != me_) ring_bell(p);  // a peer asleep waiting for us wakes and reads it
+}
+
+void ShmQueuePairs::check_farewell(int peer) const {
+  std::string why = layout(peer)->farewell.heard();
+  if (!why.empty()) fail(describe_peer(peer), " left the group after an error: ", why);
+}
 
 ShmQueuePairs::Layout* ShmQueuePairs::layout(int owner) const {
   return reinterpret_cast<Layout*>(segments_[owner]->base());
@@ -140,6 +154,7 @@ bool ShmQueuePairs::progress(std::vector<verbs::Completion>& done) {
       if (!fits)
         fail("a message of ", snd.len, " bytes to ", describe_peer(p),
              " is longer than the receive it posted (", s.len, " bytes)");
+      check_farewell(p);  // placed in a receive it posted, but it abandoned the call
       done.push_back(verbs::Completion{snd.id, p, false, snd.len});
       any = true;
     }
@@ -148,6 +163,7 @@ bool ShmQueuePairs::progress(std::vector<verbs::Completion>& done) {
     const uint64_t filled = ours.filled.load(std::memory_order_acquire);
     const uint64_t posted = ours.posted.load(std::memory_order_relaxed);
     uint64_t first = posted - recv_ids_[p].size();  // oldest not yet completed
+    if (first < filled) check_farewell(p);  // it placed them, but then abandoned the call
     for (; first < filled; ++first) {
       const uint64_t got = ours.slots[first % kQueue].result.load(std::memory_order_relaxed);
       if (got == kTooLong)
@@ -173,6 +189,7 @@ void ShmQueuePairs::poll(std::vector<verbs::Completion>& done, Deadline deadline
       cpu_relax();
       continue;
     }
+    for (int p : waiting_on) check_farewell(p);
     std::string lost = lost_(waiting_on);
     if (!lost.empty()) {
       // A peer may place its last message and exit between our look and this check.

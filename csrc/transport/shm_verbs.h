@@ -30,6 +30,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
             const std::vector<int>& waiting_on) override;
   std::string describe_peer(int peer) const override { return names_(peer); }
   void close() override;
+  void abort(const std::string& why) override;
 
   struct Layout;  // shared, in shm_verbs.cc
 
@@ -42,6 +43,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
   Layout* layout(int owner) const;
   bool progress(std::vector<verbs::Completion>& done);  // true when something completed
   void ring_bell(int owner) const;
+  void check_farewell(int peer) const;  // throws if peer left one
 
   verbs::PeerNames names_;
   verbs::LostPeers lost_;

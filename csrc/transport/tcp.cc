@@ -47,7 +47,51 @@ void set_nonblocking(int fd, bool on) {
 
 bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
 
+// A farewell: a head no header check accepts (a peer expecting a header stops there), the
+// text, then its length and the magic again, so it can be found from the end of the stream.
+constexpr uint32_t kFarewellMagic = 0x4d4c4657;  // "MLFW"
+constexpr size_t kFarewellHead = 64, kFarewellText = 4000;
+
 }  // namespace
+
+std::string farewell_bytes(const std::string& why) {
+  const std::string text = why.substr(0, kFarewellText);
+  const uint32_t len = uint32_t(text.size());
+  std::string out(kFarewellHead, '\0');
+  std::memcpy(out.data(), &kFarewellMagic, 4);
+  std::memcpy(out.data() + 4, &len, 4);
+  out += text;
+  out.append(reinterpret_cast<const char*>(&len), 4);
+  out.append(reinterpret_cast<const char*>(&kFarewellMagic), 4);
+  return out;
+}
+
+std::string read_farewell(int fd, bool expected) {
+  // expected: its head was just read, so the rest is on its way (before the peer's reset).
+  const Deadline until = Clock::now() + std::chrono::milliseconds(expected ? 1000 : 0);
+  std::string tail;
+  char buf[16384];
+  for (;;) {
+    ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n > 0) {
+      tail.append(buf, size_t(n));
+      if (tail.size() > 2 * kFarewellText) tail.erase(0, tail.size() - (kFarewellText + 8));
+      continue;
+    }
+    if (n < 0 && would_block(errno) && Clock::now() < until) {
+      pollfd p{fd, POLLIN, 0};
+      ::poll(&p, 1, ms_until(until));
+      continue;
+    }
+    break;  // the end of the stream, a reset, or nothing more in time
+  }
+  uint32_t len = 0, magic = 0;
+  if (tail.size() < 8) return "";
+  std::memcpy(&len, tail.data() + tail.size() - 8, 4);
+  std::memcpy(&magic, tail.data() + tail.size() - 4, 4);
+  if (magic != kFarewellMagic || len > tail.size() - 8) return "";
+  return tail.substr(tail.size() - 8 - len, len);
+}
 
 Address parse_address(const std::string& s) {
   auto colon = s.rfind(':');
@@ -218,7 +262,9 @@ std::string TcpLinks::lost_peers(const std::vector<int>& which, int except) cons
                    ((pfd.revents & (POLLHUP | POLLRDHUP | POLLERR)) ||
                     ::recv(s.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0));
       if (gone) {
-        lost += (lost.empty() ? "" : ", ") + names_[p];
+        std::string why = s.fd() < 0 ? "" : read_farewell(s.fd(), false);
+        lost += (lost.empty() ? "" : ", ") + names_[p] +
+                (why.empty() ? "" : " (which left the group after an error: " + why + ")");
         break;
       }
     }
@@ -231,11 +277,17 @@ void TcpLinks::close() {
     for (auto& s : per_peer) s.close();
 }
 
-void TcpLinks::reset() {
+void TcpLinks::reset(const std::string& why) {
   const linger abortive{1, 0};
+  const std::string last = why.empty() ? "" : farewell_bytes(why);
   for (auto& per_peer : sockets_)
-    for (auto& s : per_peer)
-      if (s.valid()) setsockopt(s.fd(), SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+    for (auto& s : per_peer) {
+      if (!s.valid()) continue;
+      // Best effort: a farewell that does not fit the socket's buffer now is not sent whole,
+      // and a peer then finds no trailer and reports the lost connection instead.
+      if (!last.empty()) ::send(s.fd(), last.data(), last.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      setsockopt(s.fd(), SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+    }
   close();
 }
 
@@ -263,13 +315,23 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
       size_t& h = heads[key];
       while (h < q.size()) {
         Cursor& c = q[h];
-        c.settle();
+        const bool sending = !key.first;
+        const int fd = key.second;
+        try {
+          c.settle();
+        } catch (const DistError&) {
+          // Where a header was due the peer may have left its farewell: report that instead.
+          const Segment& s = c.t->segments[c.seg];
+          uint32_t magic = 0;
+          if (s.len >= 4) std::memcpy(&magic, s.data, 4);
+          std::string why = magic == kFarewellMagic ? read_farewell(fd, true) : "";
+          if (!why.empty()) fail(names_[c.t->peer], " left the group after an error: ", why);
+          throw;
+        }
         if (c.done()) { ++h; continue; }
         Segment& s = c.t->segments[c.seg];
         char* p = static_cast<char*>(s.data) + c.off;
         size_t want = s.len - c.off;
-        const bool sending = !key.first;
-        const int fd = key.second;
         ssize_t n = sending ? ::send(fd, p, want, MSG_NOSIGNAL | MSG_DONTWAIT)
                             : ::recv(fd, p, want, MSG_DONTWAIT);
         if (n > 0) {
@@ -283,8 +345,11 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
           std::string why = "lost connection to " + names_[c.t->peer] + ": " +
                             std::strerror(errno) + also_lost(c.t->peer);
           if (!sending) throw DistError(why);
-          // The peer may have hung up because of a mismatch it saw; its message may still be
-          // waiting in our receive queue and says more than a broken pipe, so read on first.
+          // The peer may have hung up because of a mismatch it saw: its farewell, or its
+          // message in an op we are still reading, says more than a broken pipe.
+          std::string farewell = read_farewell(fd, false);
+          if (!farewell.empty())
+            fail(names_[c.t->peer], " left the group after an error: ", farewell);
           if (lost.empty()) lost = why;
           h = q.size();
           break;

@@ -41,6 +41,11 @@ class Socket {
   int fd_ = -1;
 };
 
+// A failing rank's last words on a connection (why it failed), and reading them back from what
+// is left unread on a connection whose peer is gone: "" when it left none.
+std::string farewell_bytes(const std::string& why);
+std::string read_farewell(int fd, bool expected);
+
 Socket listen_on(const Address& addr);
 // The port a listening socket was bound to (for one bound to port 0).
 int bound_port(int fd);
@@ -65,7 +70,7 @@ class TcpLinks : public Links {
   void run(std::vector<Transfer>& transfers, Deadline deadline) override;
   std::string describe_peer(int peer) const override { return names_[peer]; }
   void close() override;
-  void reset() override;  // abortive close (RST)
+  void reset(const std::string& why) override;  // a farewell, then an abortive close (RST)
   // Names of the given peers (all but `except` when empty) whose connections are closed.
   std::string lost_peers(const std::vector<int>& which, int except = -1) const;
 

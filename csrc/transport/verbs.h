@@ -49,6 +49,9 @@ class QueuePairs {
   virtual std::string describe_peer(int peer) const = 0;
   // Graceful: messages already posted are still delivered.
   virtual void close() = 0;
+  // After a failure: leave why for the peers where the transport can, so none of them
+  // completes a call this rank abandoned (its messages already placed notwithstanding).
+  virtual void abort(const std::string& why) { (void)why; }
 };
 
 // Exchanges one blob per rank over the group's set-up channel (all ranks, same order).

@@ -247,3 +247,29 @@ class IdleFlood:
                 self._sel.unregister(key.fileobj)
                 key.fileobj.close()
                 self._open()
+
+
+def wait_for_peer_hangup(timeout: float) -> bool:
+    """Blocks until a peer closes one of this process's TCP connections, or timeout seconds
+    pass; returns whether one did. For test bodies that wait for a peer to give up."""
+    import os
+    import select
+    import socket
+    poller = select.poll()
+    socks = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            s = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
+                s.getpeername()
+                socks.append(s)
+                poller.register(s, select.POLLRDHUP)
+            else:
+                s.close()
+        except OSError:
+            continue
+    try:
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        for s in socks:
+            s.close()
