@@ -92,3 +92,31 @@ def test_missing_library_is_a_clear_error(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "raised: init(strict=True, backend='mpi'): no MPI library could be loaded" in out.stdout
     assert "libnompi.so" in out.stdout and "strict=False: 1" in out.stdout
+
+
+def body_p2p_mismatch(count):
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    g = dist.init()
+    errors = []
+    for step in ([lambda: dist.send(jnp.ones(count), 1), dist.barrier] if g.rank() == 0 else
+                 [lambda: dist.recv((count + 1,), jnp.float32, 0)]):
+        try:
+            step()
+            errors.append(None)
+        except dist.DistributedError as e:
+            errors.append(str(e))
+    return errors
+
+
+@pytest.mark.parametrize("count", [2, 8 << 20])
+def test_send_recv_mismatch_raises_on_both_sides_naming_both_calls(count):
+    # The receiver sees the mismatch and says so in its farewell; the sender hears it while it
+    # waits (in the send itself when it is too large to go eagerly, else in the barrier).
+    sender, (receiver,) = run_ranks(body_p2p_mismatch, 2, args=(count,), backend="mpi",
+                                    timeout=120, env={"MLXDIST_TIMEOUT": "30"})
+    calls = (f"send(float32, {4 * count} bytes", f"recv(float32, {4 * count + 4} bytes")
+    assert receiver is not None and all(c in receiver for c in calls), receiver
+    first = next((e for e in sender if e is not None), None)
+    assert first is not None and all(c in first for c in calls), sender
+    assert "left the group after an error" in first

@@ -13,7 +13,7 @@ namespace {
 // A failed rank's farewell to its peers: its error text, on a tag no op uses (send/recv use
 // 2 * tag and 2 * tag + 1 for tags below 256; MPI guarantees tags up to 32767).
 constexpr int kFarewellTag = 32000;
-constexpr size_t kFarewellBytes = 4096;
+constexpr size_t kFarewellBytes = 1024;  // small: sent eagerly, whether or not a peer listens
 
 // Our own kernels as MPI ops where MPI's builtins differ from the ring (NaN propagates
 // through max/min, as the ring and numpy do).
@@ -243,14 +243,16 @@ void MpiGroup::abort(const std::string& why) {
   // MPI cannot drop a communicator's traffic; a failed group just stops being used. Its peers
   // learn why from a farewell, which they look for while they wait on this rank.
   failed_ = true;
-  if (why.empty() || !farewell_.empty()) return;
-  farewell_.assign(kFarewellBytes, '\0');
-  std::memcpy(farewell_.data(), why.data(), std::min(why.size(), kFarewellBytes - 1));
+  if (why.empty() || said_farewell_) return;
+  said_farewell_ = true;
+  // MPI may read the buffer after this group is gone (its sends are never waited for): it
+  // lives until the process ends.
+  char* text = new char[kFarewellBytes]();
+  std::memcpy(text, why.data(), std::min(why.size(), kFarewellBytes - 1));
   std::lock_guard<std::mutex> lock(lib_.mu);
   for (int r = 0; r < size_; ++r) {
-    Handle req = nullptr;  // never completed if the peer is gone: the group is not freed
-    if (r != rank_)
-      lib_.Isend(farewell_.data(), int(kFarewellBytes), lib_.byte, r, kFarewellTag, comm_, &req);
+    Handle req = nullptr;
+    if (r != rank_) lib_.Isend(text, int(kFarewellBytes), lib_.byte, r, kFarewellTag, comm_, &req);
   }
 }
 

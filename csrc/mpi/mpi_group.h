@@ -62,7 +62,7 @@ class MpiGroup : public Group {
   std::vector<float> wide_in_, wide_out_;
   std::vector<char> scratch_;
   bool failed_ = false;
-  std::vector<char> farewell_;  // ours, kept alive for the sends that carry it
+  bool said_farewell_ = false;
 };
 
 // The world group: a duplicate of MPI_COMM_WORLD (so the program's own MPI traffic never
