@@ -69,10 +69,9 @@ struct Pending {
 };
 
 // Admission: unauthenticated connections cost a descriptor and a slot until they prove the
-// token or age out. A stranger may hold any number of idle connections; only the newest few
-// of each source are kept, and when the table is full the oldest connection of the source
-// holding most slots makes room. A rank greets as soon as it connects and finishes within a
-// round trip, so it is never the one evicted unless a flood outruns that round trip.
+// token or age out. A stranger may open any number of idle connections: when the slots (or
+// the descriptors) run out, the oldest silent connection of the source holding most slots
+// makes room (see evict).
 size_t max_pending() {
   rlimit r{};
   size_t files = getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur != RLIM_INFINITY ? r.rlim_cur : 4096;
@@ -116,7 +115,10 @@ class Acceptor {
 
   void ensure_listening(const Address& addr, int inherited_fd, const std::string& token) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (listeners_.count(addr.str())) return;
+    if (auto it = listeners_.find(addr.str()); it != listeners_.end()) {
+      *it->second.token = token;  // a later init may bring another job's token
+      return;
+    }
     Socket s = inherited_fd >= 0 ? Socket(inherited_fd) : listen_on(addr);
     tune_for_data(s.fd());  // non-blocking accepts
     listeners_[addr.str()] = Listener{std::move(s), std::make_unique<std::string>(token)};
@@ -195,8 +197,10 @@ class Acceptor {
     }
   }
 
+  // A few at a time: connections accepted earlier get their greeting read (next round) before
+  // a stranger re-opening what is evicted can push them out.
   void accept_new(Listener& l) {
-    for (;;) {
+    for (int batch = 0; batch < 16; ++batch) {
       Socket s(::accept4(l.sock.fd(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
       if (!s.valid()) {
         // Out of descriptors: drop the oldest stranger and try again.
@@ -219,19 +223,24 @@ class Acceptor {
     }
   }
 
-  // Closes the oldest unfinished handshake of the source holding most of them.
+  // Closes the oldest unfinished handshake of the source holding most of them, among those
+  // that have not greeted if any: a rank's connection greets at once, so a stranger that keeps
+  // re-opening idle connections only ever evicts its own.
   bool evict() {
-    if (pending_.empty()) return false;
-    std::map<std::string, size_t> per_source;
-    for (auto& p : pending_) ++per_source[p.source];
-    auto busiest = std::max_element(per_source.begin(), per_source.end(),
-                                    [](auto& a, auto& b) { return a.second < b.second; });
-    for (auto it = pending_.begin(); it != pending_.end(); ++it)
-      if (it->source == busiest->first) {
-        log_.note(it->from, "too many unfinished handshakes from its host (the oldest makes room)");
-        pending_.erase(it);
-        return true;
-      }
+    for (bool greeted : {false, true}) {
+      std::map<std::string, size_t> per_source;
+      for (auto& p : pending_)
+        if (p.greeted == greeted) ++per_source[p.source];
+      if (per_source.empty()) continue;
+      auto busiest = std::max_element(per_source.begin(), per_source.end(),
+                                      [](auto& a, auto& b) { return a.second < b.second; });
+      for (auto it = pending_.begin(); it != pending_.end(); ++it)
+        if (it->greeted == greeted && it->source == busiest->first) {
+          log_.note(it->from, "too many unfinished handshakes from its host (the oldest makes room)");
+          pending_.erase(it);
+          return true;
+        }
+    }
     return false;
   }
 
