@@ -141,7 +141,7 @@ def body_extremes():
     import numpy as np
     import jax_mlxdist as dist
     g = dist.init()
-    r, n = g.rank(), g.size()
+    r = g.rank()
     rng = np.random.default_rng(r)
     noise = rng.standard_normal(100_003).astype(np.float32) * 10.0 ** rng.integers(-6, 6, 100_003)
     special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.0][r::1][:4], np.float32)

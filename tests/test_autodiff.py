@@ -10,6 +10,9 @@ bodies run on the ranks through the pytest plugin (@pytest.mark.ranks).
 import numpy as np
 import pytest
 
+# Once per backend given to --backend (conftest.py).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 X64 = {"JAX_ENABLE_X64": "1"}
 K = 3  # parameters per rank

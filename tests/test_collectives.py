@@ -3,6 +3,9 @@
 import numpy as np
 import pytest
 
+# Once per backend given to --backend (conftest.py).
+pytestmark = pytest.mark.usefixtures("backend")
+
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "bfloat16", "float32", "float64", "complex64"]
 HALVES = ("float16", "bfloat16")

@@ -149,7 +149,6 @@ def test_second_thread_on_a_group_is_refused():
 
 
 def body_unmatched_send():
-    import time
     import jax.numpy as jnp
     import jax_mlxdist as dist
     g = dist.init()

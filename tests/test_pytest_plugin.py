@@ -1,6 +1,5 @@
 """The pytest plugin, tested with pytester: passing, failing-on-one-rank and hanging bodies."""
 
-import pytest
 
 pytest_plugins = ["pytester"]
 

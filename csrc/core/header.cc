@@ -49,4 +49,10 @@ void check_header(const Header& mine, const Header& theirs, const std::string& m
   }
 }
 
+void check_headers(const Header& mine, const std::vector<Header>& all, int me,
+                   const std::function<std::string(int)>& name) {
+  for (int p = 0; p < int(all.size()); ++p)
+    if (p != me) check_header(mine, all[size_t(p)], "this rank", name(p));
+}
+
 }  // namespace mlxdist

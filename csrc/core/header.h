@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "core/dtype.h"
 
@@ -49,5 +51,10 @@ std::string describe(const Header& h);
 // Throws DistError naming this rank's call and the peer's when they differ.
 void check_header(const Header& mine, const Header& theirs, const std::string& me,
                   const std::string& peer);
+
+// Header agreement for backends that exchange every member's header before an op (MPI,
+// NCCL): all[p] is member p's; throws naming the first that differs from mine.
+void check_headers(const Header& mine, const std::vector<Header>& all, int me,
+                   const std::function<std::string(int)>& name);
 
 }  // namespace mlxdist

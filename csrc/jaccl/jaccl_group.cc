@@ -42,8 +42,7 @@ std::unique_ptr<verbs::QueuePairs> connect(ring::RingGroup& control, const Optio
 
 JacclGroup::JacclGroup(std::shared_ptr<ring::RingGroup> control, Options opts)
     : control_(std::move(control)), opts_(std::move(opts)),
-      id_(mix_ids(control_->id(), 0x6a6163636cull)), sent_(control_->size()),
-      received_(control_->size()) {
+      id_(mix_ids(control_->id(), 0x6a6163636cull)), calls_(id_, control_->size()) {
   qp_ = connect(*control_, opts_);
   mesh_ = std::make_unique<Mesh>(*qp_, rank(), size(), opts_.frame_bytes, opts_.depth,
                                  control_->options().timeout_s, "rank " + std::to_string(rank()));
@@ -65,16 +64,11 @@ void JacclGroup::close() {
   control_->close();
 }
 
-Header JacclGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
-                          uint64_t seq) const {
-  return make_header(id_, op, t, r, nbytes, shape_hash, seq);
-}
-
 void JacclGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
                             uint64_t shape_hash) {
   if (ring_) return ring_->all_reduce(in, out, count, t, op, shape_hash);
-  const Header h = header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++);
-  if (is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd)) {  // float32 on the wire
+  const Header h = calls_.collective(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash);
+  if (widened(t, op)) {  // float32 on the wire
     work_.resize(count * sizeof(float));
     float* w = reinterpret_cast<float*>(work_.data());
     to_float32(in, w, count, t);
@@ -88,7 +82,7 @@ void JacclGroup::all_reduce(const void* in, void* out, size_t count, DType t, Re
 void JacclGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
   if (ring_) return ring_->all_gather(in, out, count, t, shape_hash);
   const size_t bytes = count * dtype_size(t);
-  const Header h = header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++);
+  const Header h = calls_.collective(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash);
   jaccl::all_gather(*mesh_, h, static_cast<const char*>(in), static_cast<char*>(out), bytes);
 }
 
@@ -96,8 +90,8 @@ void JacclGroup::reduce_scatter(const void* in, void* out, size_t count, DType t
                                 uint64_t shape_hash) {
   if (ring_) return ring_->reduce_scatter(in, out, count, t, op, shape_hash);
   const size_t total = count * size();
-  const Header h = header(OpCode::kReduceScatter, t, op, total * dtype_size(t), shape_hash, seq_++);
-  if (is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd)) {
+  const Header h = calls_.collective(OpCode::kReduceScatter, t, op, total * dtype_size(t), shape_hash);
+  if (widened(t, op)) {
     work_.resize(total * sizeof(float));
     out_.resize(count * sizeof(float));
     to_float32(in, reinterpret_cast<float*>(work_.data()), total, t);
@@ -112,8 +106,7 @@ void JacclGroup::send(const void* in, size_t count, DType t, int dst, uint64_t s
   if (ring_) return ring_->send(in, count, t, dst, shape_hash, tag);
   check_peer(dst, "destination");
   const size_t bytes = count * dtype_size(t);
-  Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++);
-  h.tag = uint8_t(tag);
+  const Header h = calls_.send(t, bytes, shape_hash, dst, tag);
   jaccl::send(*mesh_, h, static_cast<const char*>(in), bytes, dst);
 }
 
@@ -121,14 +114,13 @@ void JacclGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_
   if (ring_) return ring_->recv(out, count, t, src, shape_hash, tag);
   check_peer(src, "source");
   const size_t bytes = count * dtype_size(t);
-  Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++);
-  h.tag = uint8_t(tag);
+  const Header h = calls_.recv(t, bytes, shape_hash, src, tag);
   jaccl::recv(*mesh_, h, static_cast<char*>(out), bytes, src);
 }
 
 void JacclGroup::barrier() {
   if (ring_) return ring_->barrier();
-  const Header h = header(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++);
+  const Header h = calls_.collective(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0);
   jaccl::all_gather(*mesh_, h, nullptr, nullptr, 0);
 }
 
@@ -139,7 +131,7 @@ std::shared_ptr<Group> JacclGroup::split(int color, int key) {
   if (ring_) {
     ring_->gather_split(color, key);
   } else {
-    const Header h = header(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0, seq_++);
+    const Header h = calls_.collective(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0);
     jaccl::all_gather(*mesh_, h, nullptr, nullptr, 0);
   }
   auto child = std::dynamic_pointer_cast<ring::RingGroup>(control_->split(color, key));

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/calls.h"
 #include "core/group.h"
 #include "jaccl/mesh.h"
 #include "ring/ring_group.h"
@@ -47,16 +48,13 @@ class JacclGroup : public Group {
   void close() override;
 
  private:
-  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq) const;
-
   std::shared_ptr<ring::RingGroup> control_;
   Options opts_;
   uint64_t id_;
   std::unique_ptr<verbs::QueuePairs> qp_;
   std::unique_ptr<Mesh> mesh_;
   std::unique_ptr<ring::RingGroup> ring_;  // the ring variant runs every op through it
-  uint64_t seq_ = 0;
-  std::vector<uint64_t> sent_, received_;
+  Calls calls_;
   std::vector<char> work_, out_;
 };
 

@@ -48,22 +48,16 @@ int as_count(size_t count, const char* what) {
 }  // namespace
 
 MpiGroup::MpiGroup(Lib& lib, Handle comm, uint64_t id, double timeout_s)
-    : lib_(lib), comm_(comm), id_(id), timeout_s_(timeout_s) {
+    : lib_(lib), comm_(comm), id_(id), timeout_s_(timeout_s), calls_(id, 0) {
   std::lock_guard<std::mutex> lock(lib_.mu);
   check(lib_, lib_.Comm_set_errhandler(comm_, lib_.errors_return), "MPI_Comm_set_errhandler");
   check(lib_, lib_.Comm_rank(comm_, &rank_), "MPI_Comm_rank");
   check(lib_, lib_.Comm_size(comm_, &size_), "MPI_Comm_size");
-  sent_.assign(size_t(size_), 0);
-  received_.assign(size_t(size_), 0);
+  calls_ = Calls(id_, size_);
   headers_.resize(size_t(size_));
 }
 
 MpiGroup::~MpiGroup() { close(); }
-
-Header MpiGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
-                        uint64_t seq) const {
-  return make_header(id_, op, t, r, nbytes, shape_hash, seq);
-}
 
 void MpiGroup::wait(Handle& req, const std::string& what) {
   using namespace std::chrono;
@@ -104,8 +98,7 @@ void MpiGroup::agree(const Header& mine) {
                                 lib_.byte, comm_, &req), "MPI_Iallgather");
   }
   wait(req, "exchanging headers");
-  for (int r = 0; r < size_; ++r)
-    if (r != rank_) check_header(mine, headers_[size_t(r)], "this rank", "rank " + std::to_string(r));
+  check_headers(mine, headers_, rank_, [](int r) { return "rank " + std::to_string(r); });
 }
 
 Handle MpiGroup::op_for(DType t, ReduceOp op) const {
@@ -158,20 +151,20 @@ void MpiGroup::reduce(const void* in, void* out, size_t count, DType t, ReduceOp
 
 void MpiGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
                           uint64_t shape_hash) {
-  agree(header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++));
+  agree(calls_.collective(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash));
   reduce(in, out, count, t, op, false);
 }
 
 void MpiGroup::reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
                               uint64_t shape_hash) {
-  agree(header(OpCode::kReduceScatter, t, op, count * size_t(size_) * dtype_size(t), shape_hash,
-               seq_++));
+  agree(calls_.collective(OpCode::kReduceScatter, t, op, count * size_t(size_) * dtype_size(t),
+                          shape_hash));
   reduce(in, out, count, t, op, true);
 }
 
 void MpiGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
   const size_t bytes = count * dtype_size(t);
-  agree(header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++));
+  agree(calls_.collective(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash));
   Handle req = nullptr;
   {
     std::lock_guard<std::mutex> lock(lib_.mu);
@@ -185,9 +178,7 @@ void MpiGroup::all_gather(const void* in, void* out, size_t count, DType t, uint
 void MpiGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
   check_peer(dst, "destination");
   const std::string peer = "rank " + std::to_string(dst);
-  Header h = header(OpCode::kSend, t, ReduceOp::kSum, count * dtype_size(t), shape_hash,
-                    sent_[size_t(dst)]++);
-  h.tag = uint8_t(tag);
+  const Header h = calls_.send(t, count * dtype_size(t), shape_hash, dst, tag);
   Handle reqs[2] = {nullptr, nullptr};
   {
     std::lock_guard<std::mutex> lock(lib_.mu);
@@ -202,9 +193,7 @@ void MpiGroup::send(const void* in, size_t count, DType t, int dst, uint64_t sha
 void MpiGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
   check_peer(src, "source");
   const std::string peer = "rank " + std::to_string(src);
-  Header mine = header(OpCode::kSend, t, ReduceOp::kSum, count * dtype_size(t), shape_hash,
-                       received_[size_t(src)]++);
-  mine.tag = uint8_t(tag);
+  const Header mine = calls_.recv(t, count * dtype_size(t), shape_hash, src, tag);
   Header theirs;
   Handle req = nullptr;
   {
@@ -223,11 +212,11 @@ void MpiGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_ha
 }
 
 void MpiGroup::barrier() {
-  agree(header(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++));
+  agree(calls_.collective(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0));
 }
 
 std::shared_ptr<Group> MpiGroup::split(int color, int key) {
-  agree(header(OpCode::kSplit, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++));
+  agree(calls_.collective(OpCode::kSplit, DType::kUInt8, ReduceOp::kSum, 0, 0));
   Handle child = nullptr;
   {
     std::lock_guard<std::mutex> lock(lib_.mu);

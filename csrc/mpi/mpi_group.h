@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "core/calls.h"
 #include "core/group.h"
-#include "core/header.h"
 #include "transport/mpi_lib.h"
 
 namespace mlxdist::mpi {
@@ -39,8 +39,6 @@ class MpiGroup : public Group {
   void close() override;
 
  private:
-  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
-                uint64_t seq) const;
   // All ranks' headers for the next collective must match this rank's.
   void agree(const Header& mine);
   // Polls req until it completes or the timeout passes (naming what and the peer, if one).
@@ -56,8 +54,8 @@ class MpiGroup : public Group {
   uint64_t id_;
   double timeout_s_;
   int rank_ = 0, size_ = 1;
-  uint64_t seq_ = 0, splits_ = 0;
-  std::vector<uint64_t> sent_, received_;
+  Calls calls_;
+  uint64_t splits_ = 0;
   std::vector<Header> headers_;
   std::vector<float> wide_in_, wide_out_;
   std::vector<char> scratch_;

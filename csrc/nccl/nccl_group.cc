@@ -61,7 +61,7 @@ bool NcclGroup::native(DType t, ReduceOp op) {
 NcclGroup::NcclGroup(std::shared_ptr<ring::RingGroup> control, Comm comm, Options opts)
     : control_(std::move(control)), lib_(load(opts.lib)), opts_(std::move(opts)),
       id_(mix_ids(control_->id(), 0x6e63636cull)), timeout_s_(control_->options().timeout_s),
-      sent_(control_->size()), received_(control_->size()), comm_(comm) {
+      calls_(id_, control_->size()), comm_(comm) {
   watchdog_ = std::thread([this] { watch(); });
   try {
     connect_pairs();
@@ -244,17 +244,11 @@ void NcclGroup::watch() {
   }
 }
 
-Header NcclGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
-                         uint64_t seq) const {
-  return make_header(id_, op, t, r, nbytes, shape_hash, seq);
-}
-
 void NcclGroup::agree(const Header& mine) {
   if (!opts_.check) return;
   std::vector<Header> all(size());
   control_->all_gather(&mine, all.data(), sizeof(Header), DType::kUInt8, 0);
-  for (int p = 0; p < size(); ++p)
-    if (p != rank()) check_header(mine, all[p], "this rank", control_->describe_peer(p));
+  check_headers(mine, all, rank(), [this](int p) { return control_->describe_peer(p); });
 }
 
 template <typename Body>
@@ -333,7 +327,7 @@ void NcclGroup::enqueue(void* stream, const std::string& what, const char* call,
 void NcclGroup::all_reduce_on(void* stream, const void* in, void* out, size_t count, DType t,
                               ReduceOp op, uint64_t shape_hash) {
   guarded([&] {
-    const Header h = header(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash, seq_++);
+    const Header h = calls_.collective(OpCode::kAllReduce, t, op, count * dtype_size(t), shape_hash);
     agree(h);
     const int type = data_type(t), red = red_op(t, op);
     const size_t n = nccl_elements(count, t);
@@ -346,7 +340,7 @@ void NcclGroup::all_gather_on(void* stream, const void* in, void* out, size_t co
                               uint64_t shape_hash) {
   guarded([&] {
     const size_t bytes = count * dtype_size(t);
-    const Header h = header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++);
+    const Header h = calls_.collective(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash);
     agree(h);
     enqueue(stream, describe(h), "ncclAllGather",
             [&](Comm c) { return lib_.AllGather(in, out, bytes, kUInt8, c, stream); });
@@ -356,8 +350,8 @@ void NcclGroup::all_gather_on(void* stream, const void* in, void* out, size_t co
 void NcclGroup::reduce_scatter_on(void* stream, const void* in, void* out, size_t count, DType t,
                                   ReduceOp op, uint64_t shape_hash) {
   guarded([&] {
-    const Header h = header(OpCode::kReduceScatter, t, op, count * size() * dtype_size(t),
-                            shape_hash, seq_++);
+    const Header h = calls_.collective(OpCode::kReduceScatter, t, op, count * size() * dtype_size(t),
+                                       shape_hash);
     agree(h);
     const int type = data_type(t), red = red_op(t, op);
     const size_t n = nccl_elements(count, t);
@@ -371,8 +365,7 @@ void NcclGroup::send_on(void* stream, const void* in, size_t count, DType t, int
   check_peer(dst, "destination");
   guarded([&] {
     const size_t bytes = count * dtype_size(t);
-    Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++);
-    h.tag = uint8_t(tag);
+    const Header h = calls_.send(t, bytes, shape_hash, dst, tag);
     if (opts_.check) control_->send(&h, sizeof(Header), DType::kUInt8, dst, 0, tag);
     enqueue(stream, describe(h), "ncclSend",
             [&](Comm c) { return lib_.Send(in, bytes, kUInt8, dst, c, stream); });
@@ -384,8 +377,7 @@ void NcclGroup::recv_on(void* stream, void* out, size_t count, DType t, int src,
   check_peer(src, "source");
   guarded([&] {
     const size_t bytes = count * dtype_size(t);
-    Header h = header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++);
-    h.tag = uint8_t(tag);
+    const Header h = calls_.recv(t, bytes, shape_hash, src, tag);
     if (opts_.check) {
       Header theirs;
       control_->recv(&theirs, sizeof(Header), DType::kUInt8, src, 0, tag);

@@ -15,8 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include "core/calls.h"
 #include "core/group.h"
-#include "core/header.h"
 #include "ring/ring_group.h"
 #include "transport/nccl_lib.h"
 
@@ -81,8 +81,6 @@ class NcclGroup : public Group {
     Clock::time_point since;
   };
 
-  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
-                uint64_t seq) const;
   // Every member's header for this collective must match (when checking).
   void agree(const Header& mine);
   // Runs body as one op: any error poisons the group (NCCL aborted, the control ring reset so
@@ -108,8 +106,7 @@ class NcclGroup : public Group {
   Options opts_;
   uint64_t id_;
   double timeout_s_;
-  uint64_t seq_ = 0;
-  std::vector<uint64_t> sent_, received_;
+  Calls calls_;
 
   std::mutex ops_mu_;  // one op at a time (and close): header agreement, then the NCCL call
   mutable std::mutex mu_;  // the state below, shared with the watchdog

@@ -36,7 +36,7 @@ Deadline deadline_after(double seconds) {
 RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
                      std::shared_ptr<const AddressBook> book, Options opts)
     : id_(id), rank_(rank), world_ranks_(std::move(world_ranks)), book_(std::move(book)),
-      opts_(opts), sent_(world_ranks_.size()), received_(world_ranks_.size()) {
+      opts_(opts), calls_(id, int(world_ranks_.size())) {
   const int n = size();
   std::vector<std::vector<tcp::Address>> addrs;
   std::vector<std::string> names;
@@ -55,7 +55,7 @@ RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
 
 RingGroup::RingGroup(uint64_t id, int rank, int size, std::unique_ptr<Links> links, Options opts)
     : id_(id), rank_(rank), world_ranks_(size), opts_(opts), links_(std::move(links)),
-      sent_(size), received_(size) {
+      calls_(id, size) {
   std::iota(world_ranks_.begin(), world_ranks_.end(), 0);
 }
 
@@ -77,11 +77,6 @@ struct RingGroup::Context : ring::Context {
                       "rank " + std::to_string(g.rank_), g.opts_.chunk_bytes} {}
 };
 
-Header RingGroup::header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash,
-                         uint64_t seq) {
-  return make_header(id_, op, t, r, nbytes, shape_hash, seq);
-}
-
 void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
                            uint64_t shape_hash) {
   const size_t es = dtype_size(t), bytes = count * es;
@@ -90,8 +85,8 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
     if (out != in) std::memmove(out, in, bytes);
     return;
   }
-  Context ctx(*this, header(OpCode::kAllReduce, t, op, bytes, shape_hash, seq_++));
-  const bool widen = is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd);
+  Context ctx(*this, calls_.collective(OpCode::kAllReduce, t, op, bytes, shape_hash));
+  const bool widen = widened(t, op);
 
   if (bytes <= opts_.small_bytes) {
     // Latency path: gather everything, then every rank reduces in rank order (same bits).
@@ -133,7 +128,7 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
 
 void RingGroup::all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) {
   const size_t es = dtype_size(t), bytes = count * es;
-  Context ctx(*this, header(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash, seq_++));
+  Context ctx(*this, calls_.collective(OpCode::kAllGather, t, ReduceOp::kSum, bytes, shape_hash));
   prefault(out, bytes * size());
   std::memcpy(static_cast<char*>(out) + rank_ * bytes, in, bytes);
   ring::all_gather(ctx, static_cast<char*>(out), es, Layout::blocks_of(count, size()));
@@ -146,8 +141,8 @@ void RingGroup::reduce_scatter(const void* in, void* out, size_t count, DType t,
     if (out != in) std::memmove(out, in, total * es);
     return;
   }
-  Context ctx(*this, header(OpCode::kReduceScatter, t, op, total * es, shape_hash, seq_++));
-  const bool widen = is_half(t) && (op == ReduceOp::kSum || op == ReduceOp::kProd);
+  Context ctx(*this, calls_.collective(OpCode::kReduceScatter, t, op, total * es, shape_hash));
+  const bool widen = widened(t, op);
   const DType wire = widen ? DType::kFloat32 : t;
   const size_t wes = dtype_size(wire);
   work_.resize(total * wes);
@@ -168,29 +163,27 @@ void RingGroup::send(const void* in, size_t count, DType t, int dst, uint64_t sh
                      int tag) {
   check_peer(dst, "destination");
   const size_t bytes = count * dtype_size(t);
-  Context ctx(*this, header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, sent_[dst]++));
-  ctx.header.tag = uint8_t(tag);
+  Context ctx(*this, calls_.send(t, bytes, shape_hash, dst, tag));
   ring::send(ctx, in, bytes, dst);
 }
 
 void RingGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
   check_peer(src, "source");
   const size_t bytes = count * dtype_size(t);
-  Context ctx(*this, header(OpCode::kSend, t, ReduceOp::kSum, bytes, shape_hash, received_[src]++));
-  ctx.header.tag = uint8_t(tag);
+  Context ctx(*this, calls_.recv(t, bytes, shape_hash, src, tag));
   ring::recv(ctx, out, bytes, src);
 }
 
 void RingGroup::barrier() {
   // An empty all-gather: a rank leaves only after hearing (through the ring) from every rank.
-  Context ctx(*this, header(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0, seq_++));
+  Context ctx(*this, calls_.collective(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0));
   ring::all_gather(ctx, nullptr, 1, Layout::blocks_of(0, size()));
 }
 
 std::vector<int32_t> RingGroup::gather_split(int color, int key) {
   const int n = size();
   std::vector<int32_t> all(2 * n);
-  Context ctx(*this, header(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0, seq_++));
+  Context ctx(*this, calls_.collective(OpCode::kSplit, DType::kInt32, ReduceOp::kSum, 8, 0));
   all[2 * rank_] = color;
   all[2 * rank_ + 1] = key;
   ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), 4, Layout::blocks_of(2, n));
@@ -221,14 +214,14 @@ std::vector<std::string> RingGroup::exchange(const std::string& mine) {
   std::vector<uint64_t> lens(n, 0);
   lens[rank_] = mine.size();
   {
-    Context ctx(*this, header(OpCode::kSetup, DType::kUInt64, ReduceOp::kSum, 8, 3, seq_++));
+    Context ctx(*this, calls_.collective(OpCode::kSetup, DType::kUInt64, ReduceOp::kSum, 8, 3));
     ring::all_gather(ctx, reinterpret_cast<char*>(lens.data()), 8, Layout::blocks_of(1, n));
   }
   const size_t width = *std::max_element(lens.begin(), lens.end());
   std::vector<char> all(n * width, 0);
   std::memcpy(all.data() + rank_ * width, mine.data(), mine.size());
   {
-    Context ctx(*this, header(OpCode::kSetup, DType::kUInt8, ReduceOp::kSum, width, 4, seq_++));
+    Context ctx(*this, calls_.collective(OpCode::kSetup, DType::kUInt8, ReduceOp::kSum, width, 4));
     ring::all_gather(ctx, all.data(), 1, Layout::blocks_of(width, n));
   }
   std::vector<std::string> out;
@@ -264,7 +257,7 @@ void RingGroup::try_shared_memory() {
   if (own) std::strncpy(all[rank_].name, own->name().c_str(), sizeof(Record::name) - 1);
   all[rank_].ok = own != nullptr;
   {
-    Context ctx(*this, header(OpCode::kSetup, DType::kUInt8, ReduceOp::kSum, sizeof(Record), 1, 0));
+    Context ctx(*this, calls_.unnumbered(OpCode::kSetup, DType::kUInt8, sizeof(Record), 1));
     ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), sizeof(Record), Layout::blocks_of(1, n));
   }
   std::vector<std::unique_ptr<shm::Segment>> segments(n);
@@ -288,7 +281,7 @@ void RingGroup::try_shared_memory() {
   std::vector<uint32_t> oks(n, 0);
   oks[rank_] = ok;
   {
-    Context ctx(*this, header(OpCode::kSetup, DType::kUInt32, ReduceOp::kSum, 4, 2, 0));
+    Context ctx(*this, calls_.unnumbered(OpCode::kSetup, DType::kUInt32, 4, 2));
     ring::all_gather(ctx, reinterpret_cast<char*>(oks.data()), 4, Layout::blocks_of(1, n));
   }
   if (own) own->unlink();  // every member has mapped it or given up: nothing stays in /dev/shm

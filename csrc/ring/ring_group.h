@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/group.h"
-#include "core/header.h"
+#include "core/calls.h"
 #include "core/transfer.h"
 #include "transport/tcp.h"
 
@@ -69,7 +69,6 @@ class RingGroup : public Group {
 
  private:
   struct Context;
-  Header header(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, uint64_t seq);
   // Moves the data path to shared memory when every member is on this host (and allowed).
   void try_shared_memory();
 
@@ -79,8 +78,7 @@ class RingGroup : public Group {
   std::shared_ptr<const AddressBook> book_;
   Options opts_;
   std::unique_ptr<Links> links_;
-  uint64_t seq_ = 0;                         // collectives so far
-  std::vector<uint64_t> sent_, received_;    // point-to-point messages so far, per peer
+  Calls calls_;
   uint64_t splits_ = 0;
   std::vector<char> scratch_, work_;
 };

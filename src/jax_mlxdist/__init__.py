@@ -32,6 +32,3 @@ __all__ = [
     "sum_scatter",
 ]
 __version__ = "0.1.0"
-
-# Autodiff and vmap rules register themselves on the primitives.
-from jax_mlxdist import _autodiff, _batching  # noqa: E402,F401

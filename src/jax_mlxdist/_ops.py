@@ -90,7 +90,7 @@ def _reduce(x, group: Group | None, op: str, vjp: str = "identity"):
                  rank=g.rank(), size=g.size())
 
 
-def all_sum(x, *, group: Group | None = None, vjp: str = "identity", stream=None):
+def all_sum(x, *, group: Group | None = None, vjp: str = "identity"):
     """Sum of x over the ranks of the group; every rank gets the same bits.
 
     vjp picks the gradient rule. "identity" (MLX's): the sum is one replicated value and each
@@ -102,22 +102,22 @@ def all_sum(x, *, group: Group | None = None, vjp: str = "identity", stream=None
     return _reduce(x, group, "sum", vjp)
 
 
-def all_max(x, *, group: Group | None = None, stream=None):
+def all_max(x, *, group: Group | None = None):
     """Element-wise maximum over the ranks (NaN wins)."""
     return _reduce(x, group, "max")
 
 
-def all_min(x, *, group: Group | None = None, stream=None):
+def all_min(x, *, group: Group | None = None):
     """Element-wise minimum over the ranks (NaN wins)."""
     return _reduce(x, group, "min")
 
 
-def all_prod(x, *, group: Group | None = None, stream=None):
+def all_prod(x, *, group: Group | None = None):
     """Element-wise product over the ranks."""
     return _reduce(x, group, "prod")
 
 
-def all_gather(x, *, group: Group | None = None, stream=None):
+def all_gather(x, *, group: Group | None = None):
     """Every rank's x concatenated along axis 0, in rank order; a scalar gives shape (size,)."""
     g = _resolve(group, "all_gather")
     x = _array(x, "all_gather")
@@ -126,7 +126,7 @@ def all_gather(x, *, group: Group | None = None, stream=None):
     return _bind(P.all_gather_p, x, group=g._handle, rank=g.rank(), size=g.size())
 
 
-def sum_scatter(x, *, group: Group | None = None, stream=None):
+def sum_scatter(x, *, group: Group | None = None):
     """This rank's block (axis 0 split in size() equal parts) of the sum of x over the ranks."""
     g = _resolve(group, "sum_scatter")
     x = _array(x, "sum_scatter")
@@ -151,7 +151,7 @@ def _peer(g: Group, peer, op: str, role: str) -> int:
     return peer
 
 
-def send(x, dst: int, *, group: Group | None = None, stream=None):
+def send(x, dst: int, *, group: Group | None = None):
     """Send x to rank dst; returns x, so the send stays in the computation."""
     g = _resolve(group, "send")
     x = _array(x, "send")
@@ -159,7 +159,7 @@ def send(x, dst: int, *, group: Group | None = None, stream=None):
     return _bind(P.send_p, x, group=g._handle, dst=dst, tag=0)
 
 
-def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
+def recv(shape, dtype, src: int, *, group: Group | None = None):
     """Receive an array of this shape and dtype sent by rank src."""
     try:
         dtype = np.dtype(dtype)
@@ -178,7 +178,7 @@ def recv(shape, dtype, src: int, *, group: Group | None = None, stream=None):
     return recv_like(jnp.zeros(shape, dtype), src, group=group)
 
 
-def recv_like(x, src: int, *, group: Group | None = None, stream=None):
+def recv_like(x, src: int, *, group: Group | None = None):
     """Receive an array shaped like x from rank src.
 
     x is only a template, but gradients and vmap follow it: receive into a template that is
@@ -190,7 +190,25 @@ def recv_like(x, src: int, *, group: Group | None = None, stream=None):
     return _bind(P.recv_p, x, group=g._handle, src=src, tag=0)
 
 
-def barrier(*, group: Group | None = None, stream=None) -> None:
+def sum_gradients(group: Group | None = None):
+    """A function that is the identity forward and all_sums the cotangent backward (as MLX's
+    nn.layers.distributed.sum_gradients); jax_mlxdist.nn exports it.
+
+    Put it where a replicated input enters a sharded computation (the first layer of a
+    tensor-parallel block): each rank's partial gradient of the input is then summed.
+    """
+    g = resolve(group, "sum_gradients")
+
+    def f(x):
+        x = _array(x, "sum_gradients")
+        if g.size() == 1:
+            return x
+        return P.grad_sum_p.bind(x, group=g._handle, rank=g.rank(), size=g.size())
+
+    return f
+
+
+def barrier(*, group: Group | None = None) -> None:
     """Return once every rank of the group has reached this barrier."""
     g = _resolve(group, "barrier")
     if g.size() > 1:

@@ -1,4 +1,5 @@
-"""One JAX primitive per collective: abstract eval, the ordered effect, and the FFI lowering.
+"""One JAX primitive per collective, with all its rules side by side: abstract eval, the ordered
+effect and the FFI lowering, then JVP, transpose and batching (README, "Autodiff semantics").
 
 Every collective carries one *ordered* effect whose token is threaded through its custom call.
 XLA then runs a program's collectives one after another in program order, JAX serialises
@@ -12,7 +13,9 @@ import functools
 
 import numpy as np
 import jax
-from jax.interpreters import mlir
+import jax.numpy as jnp
+from jax import lax
+from jax.interpreters import ad, batching, mlir
 from jax.extend.core import Primitive
 from jax._src import dispatch, effects
 
@@ -28,6 +31,7 @@ ShapedArray = jax.core.ShapedArray
 
 # Reduction codes shared with csrc/core/dtype.h (ReduceOp).
 REDUCE = {"sum": 0, "max": 1, "min": 2, "prod": 3}
+SUM, MAX, MIN = REDUCE["sum"], REDUCE["max"], REDUCE["min"]
 
 
 class CollectiveEffect(effects.Effect):
@@ -92,34 +96,166 @@ def _primitive(name: str, abstract_eval, attrs, *, multiple_results=False,
     return p
 
 
+def _rules(p: Primitive, *, jvp, transpose, batch) -> None:
+    ad.primitive_jvps[p] = jvp
+    ad.primitive_transposes[p] = transpose
+    batching.primitive_batchers[p] = batch
+
+
+# --- shared rules ------------------------------------------------------------------------------
+
+def _dense(t):
+    """A concrete cotangent/tangent: symbolic zeros become arrays of zeros. Wherever a rule
+    communicates, every rank must take part even where its cotangent happens to be zero."""
+    return ad.instantiate_zeros(t)
+
+
+def _linear_jvp(prim):
+    """JVP of a linear op: the op itself on the (instantiated) tangent. Point-to-point tangents
+    carry a higher tag, so a tangent can never be taken for a value by a recv."""
+    def jvp(primals, tangents, **params):
+        tangent_params = {**params, "tag": params["tag"] + 1} if "tag" in params else params
+        return prim.bind(*primals, **params), prim.bind(*map(_dense, tangents), **tangent_params)
+    return jvp
+
+
+def _elementwise_batch(prim):
+    """vmap of an op that treats every element alike: the batch axis may sit anywhere."""
+    def rule(args, dims, **params):
+        return prim.bind(*args, **params), dims[0]
+    return rule
+
+
+def _axis0_batch(prim):
+    """vmap of an op on axis 0 (all_gather, sum_scatter): a batch axis in front moves behind it."""
+    def rule(args, dims, **params):
+        (x,), (d,) = args, dims
+        if x.ndim == 1:  # unbatched scalars: gather them as a (1, batch) block
+            x, d = x[None, :], 1
+        elif d == 0:
+            x, d = jnp.moveaxis(x, 0, 1), 1
+        return prim.bind(x, **params), d
+    return rule
+
+
 def _same(x, **_):
     return ShapedArray(x.shape, x.dtype, weak_type=x.weak_type)
-
-
-def _gathered(x, *, size, **_):
-    shape = (size,) if x.ndim == 0 else (size * x.shape[0], *x.shape[1:])
-    return ShapedArray(shape, x.dtype, weak_type=x.weak_type)
-
-
-def _scattered(x, *, size, **_):
-    return ShapedArray((x.shape[0] // size, *x.shape[1:]), x.dtype, weak_type=x.weak_type)
 
 
 # Params shared by the collectives: group (C++ handle), rank and size (static, for the shape
 # and autodiff rules); reduce and vjp for all-reduce; dst/src and tag (0 for values, k for
 # k-th order tangents) for point-to-point.
-# all_reduce writes its result over its input: no extra buffer when the input is donated.
+
+# --- all_reduce: all_sum, all_max, all_min, all_prod ------------------------------------------
+# It writes its result over its input: no extra buffer when the input is donated.
 all_reduce_p = _primitive("mlxdist_all_reduce", _same, ("group", "reduce"),
                           operand_output_aliases={0: 0})
+
+
+def _all_reduce_jvp(primals, tangents, **params):
+    (x,), (dx,) = primals, tangents
+    y = all_reduce_p.bind(x, **params)
+    reduce = params["reduce"]
+    if reduce == SUM:
+        return y, all_reduce_p.bind(_dense(dx), **params)
+    if reduce in (MAX, MIN):
+        # The gradient goes to one rank per element: the lowest rank holding the extreme.
+        rank, size = params["rank"], params["size"]
+        holder = jnp.where(x == y, jnp.int32(rank), jnp.int32(size))
+        owner = all_reduce_p.bind(holder, **{**params, "reduce": MIN}) == rank
+        own = jnp.where(owner, _dense(dx), jnp.zeros_like(y))
+        return y, all_reduce_p.bind(own, **{**params, "reduce": SUM, "vjp": "identity"})
+    raise NotImplementedError("all_prod is not differentiable")
+
+
+def _all_reduce_transpose(ct, x, **params):
+    assert params["reduce"] == SUM, "only sums are linear"
+    if params["vjp"] == "identity":  # the output is one replicated value
+        return [ct]
+    return [all_reduce_p.bind(_dense(ct), **params)]  # exact: sum of per-rank cotangents
+
+
+_rules(all_reduce_p, jvp=_all_reduce_jvp, transpose=_all_reduce_transpose,
+       batch=_elementwise_batch(all_reduce_p))
+
+
+# --- all_gather ---------------------------------------------------------------------------------
+def _gathered(x, *, size, **_):
+    shape = (size,) if x.ndim == 0 else (size * x.shape[0], *x.shape[1:])
+    return ShapedArray(shape, x.dtype, weak_type=x.weak_type)
+
+
 all_gather_p = _primitive("mlxdist_all_gather", _gathered, ("group",))
+
+
+def _all_gather_transpose(ct, x, *, rank, **params):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(x.aval)]
+    if x.aval.ndim == 0:
+        return [ct[rank]]
+    m = x.aval.shape[0]
+    return [lax.slice_in_dim(ct, rank * m, (rank + 1) * m, axis=0)]
+
+
+_rules(all_gather_p, jvp=_linear_jvp(all_gather_p), transpose=_all_gather_transpose,
+       batch=_axis0_batch(all_gather_p))
+
+
+# --- sum_scatter --------------------------------------------------------------------------------
+def _scattered(x, *, size, **_):
+    return ShapedArray((x.shape[0] // size, *x.shape[1:]), x.dtype, weak_type=x.weak_type)
+
+
 sum_scatter_p = _primitive("mlxdist_sum_scatter", _scattered, ("group",))
+
+
+def _sum_scatter_transpose(ct, x, **params):
+    return [all_gather_p.bind(_dense(ct), **params)]
+
+
+_rules(sum_scatter_p, jvp=_linear_jvp(sum_scatter_p), transpose=_sum_scatter_transpose,
+       batch=_axis0_batch(sum_scatter_p))
+
+
+# --- send and recv ------------------------------------------------------------------------------
 send_p = _primitive("mlxdist_send", _same, ("group", "dst", "tag"), operand_output_aliases={0: 0})
 # recv's operand is a template (shape and dtype) so that vmap and autodiff can reach it.
 recv_p = _primitive("mlxdist_recv", _same, ("group", "src", "tag"), operands=False)
+
+
+def _send_transpose(ct, x, *, group, dst, tag):
+    # send returns x and hands x to dst: x's cotangent is its own plus the one dst sends back.
+    ct = _dense(ct)
+    return [ct + recv_p.bind(ct, group=group, src=dst, tag=tag)]
+
+
+def _recv_transpose(ct, template, *, group, src, tag):
+    send_p.bind(_dense(ct), group=group, dst=src, tag=tag)  # kept alive by the ordered effect
+    return [ad.Zero(template.aval) if ad.is_undefined_primal(template) else None]
+
+
+_rules(send_p, jvp=_linear_jvp(send_p), transpose=_send_transpose,
+       batch=_elementwise_batch(send_p))
+_rules(recv_p, jvp=_linear_jvp(recv_p), transpose=_recv_transpose,
+       batch=_elementwise_batch(recv_p))
+
+
+# --- barrier: no operands, nothing to differentiate or batch ------------------------------------
 barrier_p = _primitive("mlxdist_barrier", lambda **_: [], ("group",), multiple_results=True)
 
-# Identity forward, all_sum of the cotangent backward (nn.sum_gradients). Pure: no effect.
+
+# --- grad_sum: identity forward, all_sum of the cotangent backward (nn.sum_gradients) -----------
+# Pure: no effect, no communication until it is transposed.
 grad_sum_p = Primitive("mlxdist_grad_sum")
 grad_sum_p.def_impl(lambda x, **_: x)
 grad_sum_p.def_abstract_eval(_same)
 mlir.register_lowering(grad_sum_p, lambda ctx, x, **_: [x])
+
+
+def _grad_sum_transpose(ct, x, *, group, rank, size):
+    return [all_reduce_p.bind(_dense(ct), group=group, reduce=SUM, vjp="identity",
+                              rank=rank, size=size)]
+
+
+_rules(grad_sum_p, jvp=_linear_jvp(grad_sum_p), transpose=_grad_sum_transpose,
+       batch=_elementwise_batch(grad_sum_p))

@@ -17,7 +17,8 @@ from jax_mlxdist.nn._quantized import (
     quantize,
     quantized_linear,
 )
-from jax_mlxdist.nn._sharding import shard_inplace, shard_linear
+from jax_mlxdist.nn._shard_linear import shard_linear
+from jax_mlxdist.nn._sharding import shard_inplace
 
 __all__ = [
     "AllToShardedLinear", "FullyShardedModule", "QuantizedAllToShardedLinear", "QuantizedShardedToAllLinear",

@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mlxdist._errors import DistributedError
-from jax_mlxdist._group import Group, resolve
-from jax_mlxdist._ops import all_gather, sum_scatter
-from jax_mlxdist.nn._sharding import shard_array
+import jax_mlxdist as dist
+from jax_mlxdist.nn._sharding import group_for, shard_array
 
 
 @functools.lru_cache(maxsize=None)
-def _gather_fn(group: Group, shard_shapes: tuple, dtype):
+def _gather_fn(group: dist.Group, shard_shapes: tuple, dtype):
     """Gathers a list of shards of one dtype with a single all_gather (concatenated flat)."""
     n = group.size()
     sizes = [math.prod(s) for s in shard_shapes]
@@ -34,7 +32,7 @@ def _gather_fn(group: Group, shard_shapes: tuple, dtype):
     @jax.custom_vjp
     def gather(shards):
         flat = jnp.concatenate([jnp.ravel(s).astype(dtype) for s in shards])
-        table = all_gather(flat, group=group).reshape(n, -1)  # row r: rank r's shards
+        table = dist.all_gather(flat, group=group).reshape(n, -1)  # row r: rank r's shards
         # Rank r's block of a parameter is rows r*s0/n..(r+1)*s0/n, so stacking the blocks
         # rank-major and merging the first two axes gives the whole parameter.
         return [part.reshape(full) for part, full in
@@ -45,7 +43,7 @@ def _gather_fn(group: Group, shard_shapes: tuple, dtype):
 
     def bwd(like, cts):
         table = jnp.concatenate([jnp.reshape(c, (n, -1)).astype(dtype) for c in cts], axis=1)
-        mine = sum_scatter(table, group=group)[0] / n
+        mine = dist.sum_scatter(table, group=group)[0] / n
         return ([part.reshape(shape).astype(z.dtype) for part, shape, z in
                  zip(jnp.split(mine, cuts), shard_shapes, like)],)
 
@@ -66,7 +64,7 @@ class FullyShardedModule:
     averaged over ranks); calling it calls the gathered module. Pass it to jax.grad/jit as is.
     """
 
-    def __init__(self, leaves, treedef, group: Group, compute_dtype=None):
+    def __init__(self, leaves, treedef, group: dist.Group, compute_dtype=None):
         self.leaves, self.treedef, self.group, self.compute_dtype = list(leaves), treedef, group, compute_dtype
 
     def tree_flatten(self):
@@ -105,23 +103,23 @@ def _path(keys) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
 
 
-def fully_shard(module, *, group: Group | None = None, compute_dtype=None) -> FullyShardedModule:
+def fully_shard(module, *, group: dist.Group | None = None, compute_dtype=None) -> FullyShardedModule:
     """Wraps module (a pytree) in a FullyShardedModule holding this rank's block, along axis 0,
     of every floating-point array (each axis 0 must divide by the group size, as MLX).
     compute_dtype: the dtype the gathered parameters are cast to for the forward pass (and the
     dtype they travel in); gradients come back in the parameters' own dtype."""
     if isinstance(module, FullyShardedModule):
         return module
-    g = resolve(group, "fully_shard")
+    g = group_for(group, "fully_shard")
     n = g.size()
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(module)
     leaves = []
     for keys, x in with_paths:
         if _sharded(x):
             if x.ndim == 0:
-                raise DistributedError(f"Cannot shard parameter '{_path(keys)}' because it is a scalar.")
+                raise dist.DistributedError(f"Cannot shard parameter '{_path(keys)}' because it is a scalar.")
             if x.shape[0] % n:
-                raise DistributedError(f"Cannot shard parameter '{_path(keys)}' with shape {tuple(x.shape)} "
+                raise dist.DistributedError(f"Cannot shard parameter '{_path(keys)}' with shape {tuple(x.shape)} "
                                        f"across {n} devices: axis 0 must be divisible by {n}.")
             x = shard_array(x, 0, 1, g)
         leaves.append(x)

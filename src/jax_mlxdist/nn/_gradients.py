@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mlxdist import _primitives as P
-from jax_mlxdist._errors import DistributedError
-from jax_mlxdist._group import Group, resolve
-from jax_mlxdist._ops import _array, all_sum
+import jax_mlxdist as dist
+from jax_mlxdist._ops import sum_gradients  # noqa: F401  (exported by nn; _ops binds every primitive)
+from jax_mlxdist.nn._sharding import group_for
 
 
-def sum_gradients(group: Group | None = None) -> Callable:
-    """A function that is the identity forward and all_sums the cotangent backward (as MLX).
-
-    Put it where a replicated input enters a sharded computation (the first layer of a
-    tensor-parallel block): each rank's partial gradient of the input is then summed.
-    """
-    g = resolve(group, "sum_gradients")
-
-    def f(x):
-        x = _array(x, "sum_gradients")
-        if g.size() == 1:
-            return x
-        return P.grad_sum_p.bind(x, group=g._handle, rank=g.rank(), size=g.size())
-
-    return f
-
-
-def average_gradients(grads, group: Group | None = None, all_reduce_size: int = 32 * 1024**2,
+def average_gradients(grads, group: dist.Group | None = None, all_reduce_size: int = 32 * 1024**2,
                       communication_type=None):
     """The mean of every rank's gradients (as MLX). Small arrays are concatenated into buckets of
     up to all_reduce_size bytes per dtype, so a model's gradients take few all_sums; 0 or less
     means one all_sum per array. communication_type casts the buckets for the wire (e.g.
     jnp.bfloat16 to halve the bytes) and back."""
-    g = resolve(group, "average_gradients")
+    g = group_for(group, "average_gradients")
     n = g.size()
     if n == 1:
         return grads
@@ -53,7 +33,7 @@ def average_gradients(grads, group: Group | None = None, all_reduce_size: int = 
     def reduce(indices):
         flat = jnp.concatenate([jnp.ravel(jnp.asarray(leaves[i])) for i in indices])
         wire = flat.astype(communication_type) if communication_type is not None else flat
-        total = all_sum(wire, group=g).astype(flat.dtype) / n
+        total = dist.all_sum(wire, group=g).astype(flat.dtype) / n
         offsets = np.cumsum([0] + [int(np.prod(jnp.shape(leaves[i]))) for i in indices])
         for j, i in enumerate(indices):
             out[i] = total[offsets[j]:offsets[j + 1]].reshape(jnp.shape(leaves[i]))
@@ -76,13 +56,13 @@ def average_gradients(grads, group: Group | None = None, all_reduce_size: int = 
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def clip_grad_norm_sharded(grads, max_norm: float, group: Group | None = None):
+def clip_grad_norm_sharded(grads, max_norm: float, group: dist.Group | None = None):
     """Clips gradients that are split over the ranks (each rank holds different parameters, as
     with tensor-parallel or fully sharded layers) by their global norm. Returns (clipped, norm)."""
     if max_norm <= 0:
-        raise DistributedError(f"clip_grad_norm_sharded: max_norm must be positive, got {max_norm}")
-    g = resolve(group, "clip_grad_norm_sharded")
+        raise dist.DistributedError(f"clip_grad_norm_sharded: max_norm must be positive, got {max_norm}")
+    g = group_for(group, "clip_grad_norm_sharded")
     local = sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in jax.tree_util.tree_leaves(grads))
-    norm = jnp.sqrt(all_sum(jnp.asarray(local, jnp.float32), group=g))
+    norm = jnp.sqrt(dist.all_sum(jnp.asarray(local, jnp.float32), group=g))
     scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return jax.tree_util.tree_map(lambda x: (x * scale).astype(jnp.asarray(x).dtype), grads), norm

@@ -14,22 +14,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_mlxdist._errors import DistributedError
-from jax_mlxdist._group import Group, resolve
-from jax_mlxdist._ops import all_sum
+import jax_mlxdist as dist
 from jax_mlxdist.nn._gradients import sum_gradients
-from jax_mlxdist.nn._sharding import shard_array
+from jax_mlxdist.nn._sharding import group_for, shard_array
 
 
-def all_to_sharded_linear(x, weight, bias=None, *, group: Group | None = None):
+def all_to_sharded_linear(x, weight, bias=None, *, group: dist.Group | None = None):
     """x (..., in) replicated; weight (out/N, in): this rank's outputs."""
     y = sum_gradients(group)(x) @ weight.T
     return y if bias is None else y + bias
 
 
-def sharded_to_all_linear(x, weight, bias=None, *, group: Group | None = None):
+def sharded_to_all_linear(x, weight, bias=None, *, group: dist.Group | None = None):
     """x (..., in/N) this rank's inputs; weight (out, in/N): the full output on every rank."""
-    y = all_sum(x @ weight.T, group=group)
+    y = dist.all_sum(x @ weight.T, group=group)
     return y if bias is None else y + bias
 
 
@@ -38,7 +36,7 @@ def _params_of(linear):
     get = (lambda k: linear.get(k)) if isinstance(linear, dict) else (lambda k: getattr(linear, k, None))
     weight = get("weight")
     if weight is None:
-        raise DistributedError("from_linear: expected a dict or layer with a 'weight' of shape (out, in)")
+        raise dist.DistributedError("from_linear: expected a dict or layer with a 'weight' of shape (out, in)")
     return jnp.asarray(weight), None if get("bias") is None else jnp.asarray(get("bias"))
 
 
@@ -52,25 +50,25 @@ def _uniform(key, shape, fan_in):
 class AllToShardedLinear:
     weight: jax.Array
     bias: jax.Array | None
-    group: Group = dataclasses.field(metadata=dict(static=True))
+    group: dist.Group = dataclasses.field(metadata=dict(static=True))
 
     @classmethod
     def create(cls, key, input_dims: int, output_dims: int, bias: bool = True,
-               group: Group | None = None) -> "AllToShardedLinear":
-        g = resolve(group, "AllToShardedLinear")
+               group: dist.Group | None = None) -> "AllToShardedLinear":
+        g = group_for(group, "AllToShardedLinear")
         n = g.size()
         if output_dims % n:
-            raise DistributedError(f"Cannot shard the output of size {output_dims} across {n} devices.")
+            raise dist.DistributedError(f"Cannot shard the output of size {output_dims} across {n} devices.")
         kw, kb = jax.random.split(key)
         return cls(_uniform(kw, (output_dims // n, input_dims), input_dims),
                    _uniform(kb, (output_dims // n,), input_dims) if bias else None, g)
 
     @classmethod
-    def from_linear(cls, linear, *, segments=1, group: Group | None = None) -> "AllToShardedLinear":
-        g = resolve(group, "AllToShardedLinear.from_linear")
+    def from_linear(cls, linear, *, segments=1, group: dist.Group | None = None) -> "AllToShardedLinear":
+        g = group_for(group, "AllToShardedLinear.from_linear")
         w, b = _params_of(linear)
         if w.shape[0] % g.size():
-            raise DistributedError(f"Cannot shard the output of size {w.shape[0]} across {g.size()} devices.")
+            raise dist.DistributedError(f"Cannot shard the output of size {w.shape[0]} across {g.size()} devices.")
         return cls(shard_array(w, 0, segments, g), None if b is None else shard_array(b, -1, segments, g), g)
 
     def __call__(self, x):
@@ -82,25 +80,25 @@ class AllToShardedLinear:
 class ShardedToAllLinear:
     weight: jax.Array
     bias: jax.Array | None
-    group: Group = dataclasses.field(metadata=dict(static=True))
+    group: dist.Group = dataclasses.field(metadata=dict(static=True))
 
     @classmethod
     def create(cls, key, input_dims: int, output_dims: int, bias: bool = True,
-               group: Group | None = None) -> "ShardedToAllLinear":
-        g = resolve(group, "ShardedToAllLinear")
+               group: dist.Group | None = None) -> "ShardedToAllLinear":
+        g = group_for(group, "ShardedToAllLinear")
         n = g.size()
         if input_dims % n:
-            raise DistributedError(f"The input of size {input_dims} cannot be sharded across {n} devices.")
+            raise dist.DistributedError(f"The input of size {input_dims} cannot be sharded across {n} devices.")
         kw, kb = jax.random.split(key)
         return cls(_uniform(kw, (output_dims, input_dims // n), input_dims),
                    _uniform(kb, (output_dims,), input_dims) if bias else None, g)
 
     @classmethod
-    def from_linear(cls, linear, *, segments=1, group: Group | None = None) -> "ShardedToAllLinear":
-        g = resolve(group, "ShardedToAllLinear.from_linear")
+    def from_linear(cls, linear, *, segments=1, group: dist.Group | None = None) -> "ShardedToAllLinear":
+        g = group_for(group, "ShardedToAllLinear.from_linear")
         w, b = _params_of(linear)
         if w.shape[-1] % g.size():
-            raise DistributedError(f"The input of size {w.shape[-1]} cannot be sharded across {g.size()} devices.")
+            raise dist.DistributedError(f"The input of size {w.shape[-1]} cannot be sharded across {g.size()} devices.")
         return cls(shard_array(w, -1, segments, g), b, g)
 
     def __call__(self, x):

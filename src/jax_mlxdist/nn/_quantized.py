@@ -1,4 +1,4 @@
-"""Group-wise affine quantization (4 or 8 bits; groups of 32, 64 or 128 along the input) and
+"""dist.Group-wise affine quantization (4 or 8 bits; groups of 32, 64 or 128 along the input) and
 the quantized tensor-parallel layers. Packed as MLX does: 32 // bits values per uint32."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_mlxdist._errors import DistributedError
-from jax_mlxdist._group import Group, resolve
+import jax_mlxdist as dist
 from jax_mlxdist.nn._linear import all_to_sharded_linear, sharded_to_all_linear
-from jax_mlxdist.nn._sharding import shard_array
+from jax_mlxdist.nn._sharding import group_for, shard_array
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -20,17 +19,17 @@ GROUP_SIZES = (32, 64, 128)
 
 def _check(group_size: int, bits: int, in_dims: int) -> None:
     if bits not in BITS or group_size not in GROUP_SIZES:
-        raise DistributedError(f"quantize: bits must be one of {BITS} and group_size one of "
+        raise dist.DistributedError(f"quantize: bits must be one of {BITS} and group_size one of "
                                f"{GROUP_SIZES}, got bits={bits}, group_size={group_size}")
     if in_dims % group_size:
-        raise DistributedError(f"quantize: the input size {in_dims} is not a multiple of the "
+        raise dist.DistributedError(f"quantize: the input size {in_dims} is not a multiple of the "
                                f"group size {group_size}")
 
 
 def quantize(w, group_size: int = 64, bits: int = 4):
     """(packed uint32 weight, scales, biases) with w ~ scales * q + biases per group."""
     if jnp.ndim(w) != 2:
-        raise DistributedError(f"quantize: expected a weight of shape (out, in), got {jnp.shape(w)}")
+        raise dist.DistributedError(f"quantize: expected a weight of shape (out, in), got {jnp.shape(w)}")
     _check(group_size, bits, jnp.shape(w)[1])
     return _quantize(w, group_size, bits)
 
@@ -64,9 +63,9 @@ def dequantize(packed, scales, biases, group_size: int = 64, bits: int = 4):
 
 def _check_input(in_dims: int, group_size: int, n: int) -> None:
     if in_dims % n:
-        raise DistributedError(f"The input of size {in_dims} cannot be sharded across {n} devices.")
+        raise dist.DistributedError(f"The input of size {in_dims} cannot be sharded across {n} devices.")
     if (in_dims // n) % group_size:  # a rank's columns must hold whole quantization groups
-        raise DistributedError(f"The input of size {in_dims} cannot be sharded across {n} devices "
+        raise dist.DistributedError(f"The input of size {in_dims} cannot be sharded across {n} devices "
                                f"in whole quantization groups of {group_size}.")
 
 
@@ -109,7 +108,7 @@ class _Quantized:
     bias: jax.Array | None
     group_size: int = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
-    group: Group = dataclasses.field(metadata=dict(static=True))
+    group: dist.Group = dataclasses.field(metadata=dict(static=True))
 
     def dense_weight(self, dtype):
         return dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits).astype(dtype)
@@ -122,20 +121,20 @@ class QuantizedAllToShardedLinear(_Quantized):
 
     @classmethod
     def create(cls, key, input_dims: int, output_dims: int, bias: bool = True, group_size: int = 64,
-               bits: int = 4, group: Group | None = None) -> "QuantizedAllToShardedLinear":
-        g = resolve(group, "QuantizedAllToShardedLinear")
+               bits: int = 4, group: dist.Group | None = None) -> "QuantizedAllToShardedLinear":
+        g = group_for(group, "QuantizedAllToShardedLinear")
         n = g.size()
         if output_dims % n:
-            raise DistributedError(f"Cannot shard the output of size {output_dims} across {n} devices.")
+            raise dist.DistributedError(f"Cannot shard the output of size {output_dims} across {n} devices.")
         return cls(*_random(key, (output_dims // n, input_dims), input_dims, output_dims // n, bias,
                             group_size, bits), g)
 
     @classmethod
-    def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
-        g = resolve(group, "QuantizedAllToShardedLinear.from_quantized_linear")
+    def from_quantized_linear(cls, q, *, segments=1, group: dist.Group | None = None):
+        g = group_for(group, "QuantizedAllToShardedLinear.from_quantized_linear")
         w, s, b, bias, gs, bits = _fields(q)
         if w.shape[0] % g.size():
-            raise DistributedError(f"Cannot shard the output of size {w.shape[0]} across {g.size()} devices.")
+            raise dist.DistributedError(f"Cannot shard the output of size {w.shape[0]} across {g.size()} devices.")
         rows = lambda a: shard_array(a, 0, segments, g)
         return cls(rows(w), rows(s), rows(b), None if bias is None else shard_array(bias, -1, segments, g),
                    gs, bits, g)
@@ -151,15 +150,15 @@ class QuantizedShardedToAllLinear(_Quantized):
 
     @classmethod
     def create(cls, key, input_dims: int, output_dims: int, bias: bool = True, group_size: int = 64,
-               bits: int = 4, group: Group | None = None) -> "QuantizedShardedToAllLinear":
-        g = resolve(group, "QuantizedShardedToAllLinear")
+               bits: int = 4, group: dist.Group | None = None) -> "QuantizedShardedToAllLinear":
+        g = group_for(group, "QuantizedShardedToAllLinear")
         _check_input(input_dims, group_size, g.size())
         return cls(*_random(key, (output_dims, input_dims // g.size()), input_dims, output_dims, bias,
                             group_size, bits), g)
 
     @classmethod
-    def from_quantized_linear(cls, q, *, segments=1, group: Group | None = None):
-        g = resolve(group, "QuantizedShardedToAllLinear.from_quantized_linear")
+    def from_quantized_linear(cls, q, *, segments=1, group: dist.Group | None = None):
+        g = group_for(group, "QuantizedShardedToAllLinear.from_quantized_linear")
         w, s, b, bias, gs, bits = _fields(q)
         _check_input(s.shape[-1] * gs, gs, g.size())
         cols = lambda a: shard_array(a, -1, segments, g)  # packed words and groups split alike

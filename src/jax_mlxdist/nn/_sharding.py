@@ -8,10 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mlxdist._errors import DistributedError
-from jax_mlxdist._group import Group, resolve
+import jax_mlxdist as dist
 
 SHARDINGS = ("all-to-sharded", "sharded-to-all")
+
+
+def group_for(group, op: str):
+    """The group an nn helper runs on: group=None means the world group, as for the ops."""
+    if group is None:
+        return dist.init()
+    if not isinstance(group, dist.Group):
+        raise dist.DistributedError(f"{op}: group must be a jax_mlxdist Group, got {type(group).__name__}")
+    return group
 
 
 def _bounds(n: int, segments, axis_name: str) -> list[tuple[int, int]]:
@@ -19,24 +27,24 @@ def _bounds(n: int, segments, axis_name: str) -> list[tuple[int, int]]:
     fractions of the axis (e.g. [0.5, 0.75])."""
     if isinstance(segments, int):
         if segments <= 0 or n % segments:
-            raise DistributedError(f"cannot split {axis_name} of size {n} into {segments} equal segments")
+            raise dist.DistributedError(f"cannot split {axis_name} of size {n} into {segments} equal segments")
         cuts = [n // segments * i for i in range(1, segments)]
     else:
         cuts = [s if isinstance(s, int) else int(s * n) for s in segments]
         if any(not 0 <= c <= n for c in cuts) or cuts != sorted(cuts):
-            raise DistributedError(f"cannot split {axis_name} of size {n} at {list(segments)}")
+            raise dist.DistributedError(f"cannot split {axis_name} of size {n} at {list(segments)}")
     edges = [0, *cuts, n]
     return list(zip(edges[:-1], edges[1:]))
 
 
-def shard_array(weight, axis: int, segments, group: Group):
+def shard_array(weight, axis: int, segments, group: dist.Group):
     """This rank's part of every segment along axis, concatenated: a fused QKV weight
     (segments=3) keeps one third of each of Q, K and V."""
     n, r = group.size(), group.rank()
     pieces = []
     for start, stop in _bounds(weight.shape[axis], segments, "an axis"):
         if (stop - start) % n:
-            raise DistributedError(f"Cannot shard an axis of size {stop - start} across {n} devices.")
+            raise dist.DistributedError(f"Cannot shard an axis of size {stop - start} across {n} devices.")
         block = (stop - start) // n
         pieces.append((start + r * block, start + (r + 1) * block))
     if isinstance(weight, jax.core.Tracer):  # inside a trace: jnp ops
@@ -49,7 +57,7 @@ def shard_array(weight, axis: int, segments, group: Group):
 
 def _predicate(sharding: str, segments) -> Callable:
     if sharding not in SHARDINGS:
-        raise DistributedError(f"Sharding type sharding={sharding!r} not supported, choose one "
+        raise dist.DistributedError(f"Sharding type sharding={sharding!r} not supported, choose one "
                                "of 'all-to-sharded' or 'sharded-to-all'")
     if sharding == "all-to-sharded":  # outputs split: weight rows and the bias
         return lambda path, w: (-1, segments) if path.endswith("bias") else (max(w.ndim - 2, 0), segments)
@@ -60,13 +68,13 @@ def _path(keys) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
 
 
-def shard_inplace(params, sharding: str | Callable, *, segments=1, group: Group | None = None):
+def shard_inplace(params, sharding: str | Callable, *, segments=1, group: dist.Group | None = None):
     """The parameter pytree with every array replaced by this rank's shard.
 
     sharding: "all-to-sharded", "sharded-to-all", or a function (path, weight) returning None
     (keep), an axis, or (axis, segments); path joins the keys with dots ("layers.0.weight").
     """
-    g = resolve(group, "shard_inplace")
+    g = group_for(group, "shard_inplace")
     rule = _predicate(sharding, segments) if isinstance(sharding, str) else sharding
 
     def shard_leaf(keys, w):
@@ -79,16 +87,3 @@ def shard_inplace(params, sharding: str | Callable, *, segments=1, group: Group 
         return shard_array(jnp.asarray(w), axis, segs, g)
 
     return jax.tree_util.tree_map_with_path(shard_leaf, params)
-
-
-def shard_linear(module, sharding: str, *, segments=1, group: Group | None = None):
-    """A sharded copy of a linear layer (plain or quantized) that communicates as it runs."""
-    from jax_mlxdist.nn import _linear, _quantized
-    _predicate(sharding, segments)
-    quantized = _quantized.is_quantized(module)
-    cls = {("all-to-sharded", False): _linear.AllToShardedLinear,
-           ("sharded-to-all", False): _linear.ShardedToAllLinear,
-           ("all-to-sharded", True): _quantized.QuantizedAllToShardedLinear,
-           ("sharded-to-all", True): _quantized.QuantizedShardedToAllLinear}[sharding, quantized]
-    make = cls.from_quantized_linear if quantized else cls.from_linear
-    return make(module, segments=segments, group=group)
