@@ -1,57 +1,43 @@
 #include "gpu/cuda_runtime.h"
 
-#include <dlfcn.h>
-
 #include <mutex>
 #include <string>
 
 #include "core/error.h"
+#include "core/library.h"
 
 namespace mlxdist::gpu {
-namespace {
-
-template <typename T>
-void bind(void* h, const char* name, T& out) {
-  out = reinterpret_cast<T>(dlsym(h, name));
-  if (!out) fail("the CUDA runtime lacks ", name);
-}
-
-}  // namespace
-
 Cuda& cuda() {
   static std::once_flag once;
   static Cuda lib{};
   static std::string error;
   std::call_once(once, [] {
-    void* h = nullptr;
-    std::string tried;
-    for (const char* name : {"libcudart.so.13", "libcudart.so.12", "libcudart.so"}) {
-      if ((h = dlopen(name, RTLD_NOW | RTLD_GLOBAL))) break;
-      tried += std::string("\n  ") + dlerror();
-    }
+    std::string tried, missing;
+    void* h = library::open_first({"libcudart.so.13", "libcudart.so.12", "libcudart.so"}, true,
+                                  &tried);
     if (!h) {
       error = "no CUDA runtime could be loaded:" + tried;
       return;
     }
-    try {
-      bind(h, "cudaMemcpyAsync", lib.MemcpyAsync);
-      bind(h, "cudaMemcpy2DAsync", lib.Memcpy2DAsync);
-      bind(h, "cudaStreamSynchronize", lib.StreamSynchronize);
-      bind(h, "cudaMallocHost", lib.MallocHost);
-      bind(h, "cudaFreeHost", lib.FreeHost);
-      bind(h, "cudaGetErrorString", lib.GetErrorString);
-      bind(h, "cudaMalloc", lib.Malloc);
-      bind(h, "cudaFree", lib.Free);
-      bind(h, "cudaSetDevice", lib.SetDevice);
-      bind(h, "cudaDeviceGetPCIBusId", lib.DeviceGetPCIBusId);
-      bind(h, "cudaEventCreateWithFlags", lib.EventCreateWithFlags);
-      bind(h, "cudaEventRecord", lib.EventRecord);
-      bind(h, "cudaEventQuery", lib.EventQuery);
-      bind(h, "cudaEventDestroy", lib.EventDestroy);
-      bind(h, "cudaEventSynchronize", lib.EventSynchronize);
-    } catch (const DistError& e) {
-      error = e.what();
+    {
+      using library::bind;
+      bind(h, "cudaMemcpyAsync", lib.MemcpyAsync, &missing);
+      bind(h, "cudaMemcpy2DAsync", lib.Memcpy2DAsync, &missing);
+      bind(h, "cudaStreamSynchronize", lib.StreamSynchronize, &missing);
+      bind(h, "cudaMallocHost", lib.MallocHost, &missing);
+      bind(h, "cudaFreeHost", lib.FreeHost, &missing);
+      bind(h, "cudaGetErrorString", lib.GetErrorString, &missing);
+      bind(h, "cudaMalloc", lib.Malloc, &missing);
+      bind(h, "cudaFree", lib.Free, &missing);
+      bind(h, "cudaSetDevice", lib.SetDevice, &missing);
+      bind(h, "cudaDeviceGetPCIBusId", lib.DeviceGetPCIBusId, &missing);
+      bind(h, "cudaEventCreateWithFlags", lib.EventCreateWithFlags, &missing);
+      bind(h, "cudaEventRecord", lib.EventRecord, &missing);
+      bind(h, "cudaEventQuery", lib.EventQuery, &missing);
+      bind(h, "cudaEventDestroy", lib.EventDestroy, &missing);
+      bind(h, "cudaEventSynchronize", lib.EventSynchronize, &missing);
     }
+    if (!missing.empty()) error = "the CUDA runtime lacks " + missing;
   });
   if (!error.empty()) fail(error);
   return lib;

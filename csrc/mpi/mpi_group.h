@@ -10,7 +10,7 @@
 
 #include "core/calls.h"
 #include "core/group.h"
-#include "transport/mpi_lib.h"
+#include "mpi/mpi_lib.h"
 
 namespace mlxdist::mpi {
 

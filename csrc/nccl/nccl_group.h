@@ -18,7 +18,7 @@
 #include "core/calls.h"
 #include "core/group.h"
 #include "ring/ring_group.h"
-#include "transport/nccl_lib.h"
+#include "nccl/nccl_lib.h"
 
 namespace mlxdist::nccl {
 

@@ -11,7 +11,7 @@
 #include "core/error.h"
 #include "ring/algorithms.h"
 #include "transport/shm.h"
-#include "transport/tcp_mesh.h"
+#include "bootstrap/tcp_mesh.h"
 
 namespace mlxdist::ring {
 namespace {

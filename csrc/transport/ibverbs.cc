@@ -1,6 +1,5 @@
 #include "transport/ibverbs.h"
 
-#include <dlfcn.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,6 +15,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/library.h"
 
 namespace mlxdist::ibverbs {
 namespace {
@@ -153,19 +153,17 @@ Lib* load(const std::string& path, std::string* why) {
   static auto* libs = new std::map<std::string, Lib>();
   std::lock_guard<std::mutex> lock(mu);
   if (auto it = libs->find(path); it != libs->end()) return &it->second;
-  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  std::string tried;
+  void* h = library::open_first({path}, false, &tried);
   if (!h) {
-    const char* e = dlerror();
-    *why = "libibverbs could not be loaded (" + std::string(e ? e : path) +
+    *why = "libibverbs could not be loaded (" + tried.substr(3) +
            "); install rdma-core's libibverbs1 and the NIC's provider (ibverbs-providers)";
     return nullptr;
   }
   Lib lib;
   std::string missing;
   // dlsym binds the default symbol version (IBVERBS_1.1), as linking against -libverbs would.
-#define MLXDIST_IBV_BIND(name, ret, ...)                                         \
-  lib.name = reinterpret_cast<decltype(lib.name)>(dlsym(h, "ibv_" #name));       \
-  if (!lib.name) missing += std::string(missing.empty() ? "" : ", ") + "ibv_" #name;
+#define MLXDIST_IBV_BIND(name, ret, ...) library::bind(h, "ibv_" #name, lib.name, &missing);
   MLXDIST_IBV_FUNCTIONS(MLXDIST_IBV_BIND)
 #undef MLXDIST_IBV_BIND
   if (!missing.empty()) {

@@ -14,7 +14,7 @@
 #include <map>
 
 #include "core/error.h"
-#include "transport/auth.h"
+#include "bootstrap/auth.h"
 
 namespace mlxdist::shm {
 namespace {

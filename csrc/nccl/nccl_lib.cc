@@ -1,21 +1,14 @@
-#include "transport/nccl_lib.h"
-
-#include <dlfcn.h>
+#include "nccl/nccl_lib.h"
 
 #include <map>
 #include <memory>
 #include <mutex>
 
 #include "core/error.h"
+#include "core/library.h"
 
 namespace mlxdist::nccl {
 namespace {
-
-template <typename T>
-void bind(void* h, const char* name, T& out) {
-  out = reinterpret_cast<T>(dlsym(h, name));
-  if (!out) fail("the NCCL library lacks ", name, " (NCCL 2.18 or newer is needed)");
-}
 
 std::mutex mu;
 Lib* loaded = nullptr;                        // the first library loaded serves the process
@@ -29,33 +22,37 @@ Lib* try_load(const std::string& path, std::string* why) {
     return nullptr;
   }
   const std::string name = path.empty() ? "libnccl.so.2" : path;
-  void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+  std::string tried, missing;
+  void* h = library::open_first({name}, false, &tried);
   if (!h) {
-    *why = failures[path] = "NCCL could not be loaded (" + std::string(dlerror()) +
+    *why = failures[path] = "NCCL could not be loaded (" + tried.substr(3) +
                             "); install nvidia-nccl-cu13 or nvidia-nccl-cu12, or set MLXDIST_NCCL_LIB";
     return nullptr;
   }
   auto lib = std::make_unique<Lib>();
   lib->path = name;
-  try {
-    bind(h, "ncclGetVersion", lib->GetVersion);
-    bind(h, "ncclGetUniqueId", lib->GetUniqueId);
-    bind(h, "ncclCommInitRank", lib->CommInitRank);
-    bind(h, "ncclCommSplit", lib->CommSplit);
-    bind(h, "ncclCommAbort", lib->CommAbort);
-    bind(h, "ncclCommDestroy", lib->CommDestroy);
-    bind(h, "ncclCommGetAsyncError", lib->CommGetAsyncError);
-    bind(h, "ncclGetErrorString", lib->GetErrorString);
-    bind(h, "ncclGetLastError", lib->GetLastError);
-    bind(h, "ncclAllReduce", lib->AllReduce);
-    bind(h, "ncclAllGather", lib->AllGather);
-    bind(h, "ncclReduceScatter", lib->ReduceScatter);
-    bind(h, "ncclSend", lib->Send);
-    bind(h, "ncclRecv", lib->Recv);
-    bind(h, "ncclGroupStart", lib->GroupStart);
-    bind(h, "ncclGroupEnd", lib->GroupEnd);
-  } catch (const DistError& e) {
-    *why = failures[path] = name + ": " + e.what();
+  {
+    using library::bind;
+    bind(h, "ncclGetVersion", lib->GetVersion, &missing);
+    bind(h, "ncclGetUniqueId", lib->GetUniqueId, &missing);
+    bind(h, "ncclCommInitRank", lib->CommInitRank, &missing);
+    bind(h, "ncclCommSplit", lib->CommSplit, &missing);
+    bind(h, "ncclCommAbort", lib->CommAbort, &missing);
+    bind(h, "ncclCommDestroy", lib->CommDestroy, &missing);
+    bind(h, "ncclCommGetAsyncError", lib->CommGetAsyncError, &missing);
+    bind(h, "ncclGetErrorString", lib->GetErrorString, &missing);
+    bind(h, "ncclGetLastError", lib->GetLastError, &missing);
+    bind(h, "ncclAllReduce", lib->AllReduce, &missing);
+    bind(h, "ncclAllGather", lib->AllGather, &missing);
+    bind(h, "ncclReduceScatter", lib->ReduceScatter, &missing);
+    bind(h, "ncclSend", lib->Send, &missing);
+    bind(h, "ncclRecv", lib->Recv, &missing);
+    bind(h, "ncclGroupStart", lib->GroupStart, &missing);
+    bind(h, "ncclGroupEnd", lib->GroupEnd, &missing);
+  }
+  if (!missing.empty()) {
+    *why = failures[path] = name + ": the NCCL library lacks " + missing +
+                            " (NCCL 2.18 or newer is needed)";
     return nullptr;
   }
   lib->GetVersion(&lib->version);

@@ -1,4 +1,4 @@
-#include "transport/mpi_lib.h"
+#include "mpi/mpi_lib.h"
 
 #include <dlfcn.h>
 
@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/library.h"
 
 namespace mlxdist::mpi {
 namespace {
@@ -14,22 +15,14 @@ namespace {
 const std::vector<std::string> kNames = {"libmpi.so.40", "libmpi.so.12", "libmpi.so"};
 
 void* open_library(const std::string& path, std::string* why) {
-  std::vector<std::string> names = path.empty() ? kNames : std::vector<std::string>{path};
   std::string tried;
-  for (const auto& name : names) {
-    // RTLD_GLOBAL: Open MPI's plug-ins resolve their symbols against libmpi.
-    if (void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
-    tried += "\n  " + name + ": " + dlerror();
-  }
+  // Global: Open MPI's plug-ins resolve their symbols against libmpi.
+  if (void* h = library::open_first(path.empty() ? kNames : std::vector<std::string>{path}, true,
+                                    &tried))
+    return h;
   *why = "no MPI library could be loaded (install Open MPI or MPICH, or set MLXDIST_MPI_LIB):" +
          tried;
   return nullptr;
-}
-
-template <typename T>
-void bind(void* h, const char* name, T& out, std::string& missing) {
-  out = reinterpret_cast<T>(dlsym(h, name));
-  if (!out) missing += std::string(missing.empty() ? "" : ", ") + name;
 }
 
 Lib* loaded = nullptr;
@@ -38,7 +31,7 @@ std::mutex load_mu;
 std::string library_version(void* h) {
   int (*version)(char*, int*) = nullptr;
   std::string unused;
-  bind(h, "MPI_Get_library_version", version, unused);  // callable before MPI_Init
+  library::bind(h, "MPI_Get_library_version", version, &unused);  // callable before MPI_Init
   if (!version) return "";
   char buf[8192] = {};
   int len = 0;
@@ -132,26 +125,26 @@ Lib* resolve(void* h, const std::string& path, std::string* why) {
   } else {
     resolve_open_mpi(h, lib, missing);
   }
-  bind(h, "MPI_Initialized", lib->Initialized, missing);
-  bind(h, "MPI_Finalized", lib->Finalized, missing);
-  bind(h, "MPI_Init_thread", lib->Init_thread, missing);
-  bind(h, "MPI_Finalize", lib->Finalize, missing);
-  bind(h, "MPI_Comm_rank", lib->Comm_rank, missing);
-  bind(h, "MPI_Comm_size", lib->Comm_size, missing);
-  bind(h, "MPI_Comm_dup", lib->Comm_dup, missing);
-  bind(h, "MPI_Comm_split", lib->Comm_split, missing);
-  bind(h, "MPI_Comm_free", lib->Comm_free, missing);
-  bind(h, "MPI_Comm_set_errhandler", lib->Comm_set_errhandler, missing);
-  bind(h, "MPI_Error_string", lib->Error_string, missing);
-  bind(h, "MPI_Op_create", lib->Op_create, missing);
-  bind(h, "MPI_Iallreduce", lib->Iallreduce, missing);
-  bind(h, "MPI_Iallgather", lib->Iallgather, missing);
-  bind(h, "MPI_Ireduce_scatter_block", lib->Ireduce_scatter_block, missing);
-  bind(h, "MPI_Isend", lib->Isend, missing);
-  bind(h, "MPI_Irecv", lib->Irecv, missing);
-  bind(h, "MPI_Ibarrier", lib->Ibarrier, missing);
-  bind(h, "MPI_Test", lib->Test, missing);
-  bind(h, "MPI_Iprobe", lib->Iprobe, missing);
+  library::bind(h, "MPI_Initialized", lib->Initialized, &missing);
+  library::bind(h, "MPI_Finalized", lib->Finalized, &missing);
+  library::bind(h, "MPI_Init_thread", lib->Init_thread, &missing);
+  library::bind(h, "MPI_Finalize", lib->Finalize, &missing);
+  library::bind(h, "MPI_Comm_rank", lib->Comm_rank, &missing);
+  library::bind(h, "MPI_Comm_size", lib->Comm_size, &missing);
+  library::bind(h, "MPI_Comm_dup", lib->Comm_dup, &missing);
+  library::bind(h, "MPI_Comm_split", lib->Comm_split, &missing);
+  library::bind(h, "MPI_Comm_free", lib->Comm_free, &missing);
+  library::bind(h, "MPI_Comm_set_errhandler", lib->Comm_set_errhandler, &missing);
+  library::bind(h, "MPI_Error_string", lib->Error_string, &missing);
+  library::bind(h, "MPI_Op_create", lib->Op_create, &missing);
+  library::bind(h, "MPI_Iallreduce", lib->Iallreduce, &missing);
+  library::bind(h, "MPI_Iallgather", lib->Iallgather, &missing);
+  library::bind(h, "MPI_Ireduce_scatter_block", lib->Ireduce_scatter_block, &missing);
+  library::bind(h, "MPI_Isend", lib->Isend, &missing);
+  library::bind(h, "MPI_Irecv", lib->Irecv, &missing);
+  library::bind(h, "MPI_Ibarrier", lib->Ibarrier, &missing);
+  library::bind(h, "MPI_Test", lib->Test, &missing);
+  library::bind(h, "MPI_Iprobe", lib->Iprobe, &missing);
   if (!missing.empty()) {
     *why = path + " lacks " + missing + " (an MPI-3 library is needed)";
     delete lib;

@@ -1,12 +1,12 @@
-#include "transport/auth.h"
+#include "bootstrap/auth.h"
 
-#include <dlfcn.h>
 #include <sys/random.h>
 
 #include <cstring>
 #include <vector>
 
 #include "core/error.h"
+#include "core/library.h"
 
 namespace mlxdist::auth {
 namespace {
@@ -20,14 +20,14 @@ struct Crypto {
   HmacFn hmac = nullptr;
   Sha256Fn sha256 = nullptr;
   Crypto() {
-    for (const char* name : {"libcrypto.so.3", "libcrypto.so", "libcrypto.so.1.1"}) {
-      if (void* lib = dlopen(name, RTLD_NOW | RTLD_LOCAL)) {
-        hmac = reinterpret_cast<HmacFn>(dlsym(lib, "HMAC"));
-        sha256 = reinterpret_cast<Sha256Fn>(dlsym(lib, "EVP_sha256"));
-        if (hmac && sha256) return;
-      }
+    std::string tried, missing;
+    void* lib = library::open_first({"libcrypto.so.3", "libcrypto.so", "libcrypto.so.1.1"},
+                                    false, &tried);
+    if (lib) {
+      library::bind(lib, "HMAC", hmac, &missing);
+      library::bind(lib, "EVP_sha256", sha256, &missing);
     }
-    hmac = nullptr;
+    if (!missing.empty()) hmac = nullptr;
   }
 };
 

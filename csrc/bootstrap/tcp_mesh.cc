@@ -1,4 +1,4 @@
-#include "transport/tcp_mesh.h"
+#include "bootstrap/tcp_mesh.h"
 
 #include <arpa/inet.h>
 #include <poll.h>
@@ -20,7 +20,7 @@
 #include <thread>
 
 #include "core/error.h"
-#include "transport/auth.h"
+#include "bootstrap/auth.h"
 
 namespace mlxdist::tcp {
 namespace {

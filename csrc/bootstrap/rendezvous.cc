@@ -1,9 +1,9 @@
-#include "transport/rendezvous.h"
+#include "bootstrap/rendezvous.h"
 
 #include <iostream>
 
 #include "core/error.h"
-#include "transport/tcp_mesh.h"
+#include "bootstrap/tcp_mesh.h"
 
 namespace mlxdist::tcp {
 namespace {
