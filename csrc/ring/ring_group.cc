@@ -236,10 +236,10 @@ std::string RingGroup::lost_peers(const std::vector<int>& which) const {
 
 void RingGroup::try_shared_memory() {
   const int n = size(), k = links_->links_per_peer();
-  std::unique_ptr<shm::Segment> own;
+  std::unique_ptr<shm::Mapping> own;
   std::string why;
   try {
-    own = shm::Segment::create(n, k, opts_.shm_ring_bytes);
+    own = shm::Mapping::create(n, k, opts_.shm_ring_bytes);
   } catch (const DistError& e) {
     why = e.what();
   }
@@ -260,7 +260,7 @@ void RingGroup::try_shared_memory() {
     Context ctx(*this, calls_.unnumbered(OpCode::kSetup, DType::kUInt8, sizeof(Record), 1));
     ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), sizeof(Record), Layout::blocks_of(1, n));
   }
-  std::vector<std::unique_ptr<shm::Segment>> segments(n);
+  std::vector<std::unique_ptr<shm::Mapping>> segments(n);
   bool ok = own != nullptr;
   for (int p = 0; p < n && ok; ++p) {
     if (p == rank_) continue;
@@ -271,7 +271,7 @@ void RingGroup::try_shared_memory() {
       break;
     }
     try {
-      segments[p] = shm::Segment::open(all[p].name, n, k, opts_.shm_ring_bytes);
+      segments[p] = shm::Mapping::open(all[p].name, n, k, opts_.shm_ring_bytes);
     } catch (const DistError& e) {
       why = e.what();
       ok = false;

@@ -75,20 +75,20 @@ std::string host_identity() {
   return boot + "/" + host;
 }
 
-size_t Segment::bytes_for(int peers, int links, size_t ring_bytes) {
+size_t Mapping::bytes_for(int peers, int links, size_t ring_bytes) {
   return kRingsAt + size_t(peers) * links * (sizeof(ShmLinks::RingHeader) + ring_bytes);
 }
 
-std::unique_ptr<Segment> Segment::create(int peers, int links, size_t ring_bytes) {
+std::unique_ptr<Mapping> Mapping::create(int peers, int links, size_t ring_bytes) {
   return create_bytes(bytes_for(peers, links, ring_bytes));
 }
 
-std::unique_ptr<Segment> Segment::open(const std::string& name, int peers, int links,
+std::unique_ptr<Mapping> Mapping::open(const std::string& name, int peers, int links,
                                        size_t ring_bytes) {
   return open_bytes(name, bytes_for(peers, links, ring_bytes));
 }
 
-std::unique_ptr<Segment> Segment::create_bytes(size_t bytes) {
+std::unique_ptr<Mapping> Mapping::create_bytes(size_t bytes) {
   auto nonce = auth::random_nonce();
   char name[64];
   snprintf(name, sizeof(name), "/mlxdist-%d-%02x%02x%02x%02x%02x%02x", int(getpid()), nonce[0],
@@ -103,10 +103,10 @@ std::unique_ptr<Segment> Segment::create_bytes(size_t bytes) {
     shm_unlink(name);
     fail("cannot allocate ", bytes, " bytes of shared memory: ", std::strerror(rc ? rc : errno));
   }
-  return std::unique_ptr<Segment>(new Segment(name, static_cast<char*>(p), bytes, true));
+  return std::unique_ptr<Mapping>(new Mapping(name, static_cast<char*>(p), bytes, true));
 }
 
-std::unique_ptr<Segment> Segment::open_bytes(const std::string& name, size_t bytes) {
+std::unique_ptr<Mapping> Mapping::open_bytes(const std::string& name, size_t bytes) {
   int fd = shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0) fail("shm_open(", name, "): ", std::strerror(errno));
   struct stat st {};
@@ -115,21 +115,21 @@ std::unique_ptr<Segment> Segment::open_bytes(const std::string& name, size_t byt
                 : MAP_FAILED;
   ::close(fd);
   if (p == MAP_FAILED) fail("cannot map the shared segment ", name);
-  return std::unique_ptr<Segment>(new Segment(name, static_cast<char*>(p), bytes, false));
+  return std::unique_ptr<Mapping>(new Mapping(name, static_cast<char*>(p), bytes, false));
 }
 
-void Segment::unlink() {
+void Mapping::unlink() {
   if (owner_ && linked_) shm_unlink(name_.c_str());
   linked_ = false;
 }
 
-Segment::~Segment() {
+Mapping::~Mapping() {
   unlink();
   munmap(base_, bytes_);
 }
 
 ShmLinks::ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me,
-                   std::vector<std::unique_ptr<Segment>> segments, int links, size_t ring_bytes,
+                   std::vector<std::unique_ptr<Mapping>> segments, int links, size_t ring_bytes,
                    double timeout_s)
     : tcp_(std::move(tcp)), me_(me), n_(int(segments.size())), segments_(std::move(segments)),
       links_(links), ring_bytes_(ring_bytes), timeout_s_(timeout_s) {

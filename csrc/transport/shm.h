@@ -50,24 +50,25 @@ inline void cpu_relax() {
 #endif
 }
 
-// One rank's segment: created (and later unlinked) by its owner, opened by its peers.
-class Segment {
+// One rank's shared-memory segment, mapped: created (and later unlinked) by its owner, opened
+// by its peers. (Not a Segment of a byte stream, core/transfer.h.)
+class Mapping {
  public:
   // Creates a zeroed segment for `peers` x `links` incoming rings of ring_bytes each.
-  static std::unique_ptr<Segment> create(int peers, int links, size_t ring_bytes);
-  static std::unique_ptr<Segment> open(const std::string& name, int peers, int links,
+  static std::unique_ptr<Mapping> create(int peers, int links, size_t ring_bytes);
+  static std::unique_ptr<Mapping> open(const std::string& name, int peers, int links,
                                        size_t ring_bytes);
-  ~Segment();
+  ~Mapping();
   const std::string& name() const { return name_; }
   void unlink();  // after every peer has mapped it: nothing is left behind in /dev/shm
   char* base() const { return base_; }
   static size_t bytes_for(int peers, int links, size_t ring_bytes);
   // A zeroed segment of any size, and opening one (its size must match).
-  static std::unique_ptr<Segment> create_bytes(size_t bytes);
-  static std::unique_ptr<Segment> open_bytes(const std::string& name, size_t bytes);
+  static std::unique_ptr<Mapping> create_bytes(size_t bytes);
+  static std::unique_ptr<Mapping> open_bytes(const std::string& name, size_t bytes);
 
  private:
-  Segment(std::string name, char* base, size_t bytes, bool owner)
+  Mapping(std::string name, char* base, size_t bytes, bool owner)
       : name_(std::move(name)), base_(base), bytes_(bytes), owner_(owner) {}
   std::string name_;
   char* base_;
@@ -79,7 +80,7 @@ class Segment {
 class ShmLinks : public Links {
  public:
   // segments[p] is rank p's segment (segments[me] our own); tcp stays open for liveness.
-  ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, std::vector<std::unique_ptr<Segment>> segments,
+  ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, std::vector<std::unique_ptr<Mapping>> segments,
            int links, size_t ring_bytes, double timeout_s);
   int links_per_peer() const override { return links_; }
   bool can_combine() const override { return true; }
@@ -100,7 +101,7 @@ class ShmLinks : public Links {
   std::unique_ptr<tcp::TcpLinks> tcp_;
   int me_;
   int n_;
-  std::vector<std::unique_ptr<Segment>> segments_;
+  std::vector<std::unique_ptr<Mapping>> segments_;
   int links_;
   size_t ring_bytes_;
   double timeout_s_;

@@ -31,7 +31,7 @@ size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 }  // namespace
 
-struct ShmQueuePairs::Layout {
+struct ShmQueuePairs::Postings {
   Doorbell bell;
   Farewell farewell;
   RecvQueue queue[1];  // one per rank (the owner's own is unused); the arena follows
@@ -52,7 +52,7 @@ ShmQueuePairs::ShmQueuePairs(int me, int n, size_t arena_bytes, const verbs::All
   const size_t bytes = arena_offset(n) + arena_bytes_;
   std::string mine, why;
   try {
-    segments_[me] = Segment::create_bytes(bytes);
+    segments_[me] = Mapping::create_bytes(bytes);
     mine = host_identity() + "\n" + segments_[me]->name();
   } catch (const DistError& e) {
     why = e.what();
@@ -72,7 +72,7 @@ ShmQueuePairs::ShmQueuePairs(int me, int n, size_t arena_bytes, const verbs::All
       break;
     }
     try {
-      segments_[p] = Segment::open_bytes(rec.substr(nl + 1), bytes);
+      segments_[p] = Mapping::open_bytes(rec.substr(nl + 1), bytes);
     } catch (const DistError& e) {
       why = e.what();
     }
@@ -89,21 +89,21 @@ ShmQueuePairs::~ShmQueuePairs() { close(); }
 void ShmQueuePairs::close() {}  // the segments stay mapped until destruction: peers may still read
 
 void ShmQueuePairs::abort(const std::string& why) {
-  layout(me_)->farewell.say(why.empty() ? "it left during an op" : why);
+  postings(me_)->farewell.say(why.empty() ? "it left during an op" : why);
   for (int p = 0; p < n_; ++p)
     if (p != me_) ring_bell(p);  // a peer asleep waiting for us wakes and reads it
 }
 
 void ShmQueuePairs::check_farewell(int peer) const {
-  std::string why = layout(peer)->farewell.heard();
+  std::string why = postings(peer)->farewell.heard();
   if (!why.empty()) fail(describe_peer(peer), " left the group after an error: ", why);
 }
 
-ShmQueuePairs::Layout* ShmQueuePairs::layout(int owner) const {
-  return reinterpret_cast<Layout*>(segments_[owner]->base());
+ShmQueuePairs::Postings* ShmQueuePairs::postings(int owner) const {
+  return reinterpret_cast<Postings*>(segments_[owner]->base());
 }
 
-void ShmQueuePairs::ring_bell(int owner) const { layout(owner)->bell.ring(); }
+void ShmQueuePairs::ring_bell(int owner) const { postings(owner)->bell.ring(); }
 
 verbs::Buffer ShmQueuePairs::allocate(size_t bytes) {
   bytes = round_up(bytes, 64);
@@ -116,7 +116,7 @@ verbs::Buffer ShmQueuePairs::allocate(size_t bytes) {
 
 void ShmQueuePairs::post_recv(int peer, const verbs::Buffer& buf, size_t off, size_t len,
                               uint64_t id) {
-  RecvQueue& q = layout(me_)->queue[peer];
+  RecvQueue& q = postings(me_)->queue[peer];
   const uint64_t posted = q.posted.load(std::memory_order_relaxed);
   if (posted - q.filled.load(std::memory_order_acquire) >= kQueue)
     fail("internal: more than ", kQueue, " receives posted for ", describe_peer(peer));
@@ -139,7 +139,7 @@ bool ShmQueuePairs::progress(std::vector<verbs::Completion>& done) {
   for (int p = 0; p < n_; ++p) {
     if (p == me_) continue;
     // Our sends to p land in the receives p posted for us.
-    RecvQueue& theirs = layout(p)->queue[me_];
+    RecvQueue& theirs = postings(p)->queue[me_];
     while (!sends_[p].empty()) {
       const uint64_t filled = theirs.filled.load(std::memory_order_relaxed);
       if (filled == theirs.posted.load(std::memory_order_acquire)) break;
@@ -159,7 +159,7 @@ bool ShmQueuePairs::progress(std::vector<verbs::Completion>& done) {
       any = true;
     }
     // Receives p filled for us, in the order we posted them.
-    RecvQueue& ours = layout(me_)->queue[p];
+    RecvQueue& ours = postings(me_)->queue[p];
     const uint64_t filled = ours.filled.load(std::memory_order_acquire);
     const uint64_t posted = ours.posted.load(std::memory_order_relaxed);
     uint64_t first = posted - recv_ids_[p].size();  // oldest not yet completed
@@ -178,7 +178,7 @@ bool ShmQueuePairs::progress(std::vector<verbs::Completion>& done) {
 
 void ShmQueuePairs::poll(std::vector<verbs::Completion>& done, Deadline deadline,
                          const std::vector<int>& waiting_on) {
-  Doorbell& bell = layout(me_)->bell;
+  Doorbell& bell = postings(me_)->bell;
   const auto start = Clock::now();
   bool rechecked = false;
   for (;;) {

@@ -32,7 +32,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
   void close() override;
   void abort(const std::string& why) override;
 
-  struct Layout;  // shared, in shm_verbs.cc
+  struct Postings;  // shared, in shm_verbs.cc
 
  private:
   struct PendingSend {
@@ -40,7 +40,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
     size_t len;
     uint64_t id;
   };
-  Layout* layout(int owner) const;
+  Postings* postings(int owner) const;
   bool progress(std::vector<verbs::Completion>& done);  // true when something completed
   void ring_bell(int owner) const;
   void check_farewell(int peer) const;  // throws if peer left one
@@ -50,7 +50,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
   int me_, n_;
   size_t arena_bytes_, arena_used_ = 0;
   double timeout_s_;
-  std::vector<std::unique_ptr<Segment>> segments_;
+  std::vector<std::unique_ptr<Mapping>> segments_;
   std::vector<std::deque<PendingSend>> sends_;  // per peer, waiting for its posted receives
   std::vector<std::deque<uint64_t>> recv_ids_;  // per peer, posted receives not yet completed
 };

@@ -82,7 +82,7 @@ def console(argv: list[str] | None = None) -> int:
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "config":
-        from jax_mlxdist.launch import config
+        from jax_mlxdist.launch import config_hosts as config
         return config.main(argv[1:])
     return main(argv[1:] if argv[0] == "launch" else argv)
 
