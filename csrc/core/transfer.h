@@ -60,6 +60,9 @@ class Links {
   virtual void run(std::vector<Transfer>& transfers, Deadline deadline) = 0;
   // "rank 3 (10.0.0.2:5000)", for error messages.
   virtual std::string describe_peer(int peer) const = 0;
+  // Names of those of the given peers whose connections are gone ("" when none, or when the
+  // transport cannot tell).
+  virtual std::string lost_peers(const std::vector<int>& which) const { return ""; }
   virtual void close() = 0;  // graceful: bytes already handed over are still delivered
   // After a failure: drop everything now, so peers fail at once even when unsent bytes (which
   // would hold back a graceful close's FIN behind a full window) are queued.

@@ -230,8 +230,7 @@ std::vector<std::string> RingGroup::exchange(const std::string& mine) {
 }
 
 std::string RingGroup::lost_peers(const std::vector<int>& which) const {
-  auto* tcp = dynamic_cast<tcp::TcpLinks*>(links_.get());
-  return tcp ? tcp->lost_peers(which) : std::string();
+  return links_->lost_peers(which);
 }
 
 void RingGroup::try_shared_memory() {

@@ -86,6 +86,9 @@ class ShmLinks : public Links {
   bool can_combine() const override { return true; }
   void run(std::vector<Transfer>& transfers, Deadline deadline) override;
   std::string describe_peer(int peer) const override { return tcp_->describe_peer(peer); }
+  std::string lost_peers(const std::vector<int>& which) const override {
+    return tcp_->lost_peers(which);  // a peer's process is gone when its sockets are
+  }
   void close() override;
   void reset(const std::string& why) override;
 

@@ -71,8 +71,11 @@ class TcpLinks : public Links {
   std::string describe_peer(int peer) const override { return names_[peer]; }
   void close() override;
   void reset(const std::string& why) override;  // a farewell, then an abortive close (RST)
+  std::string lost_peers(const std::vector<int>& which) const override {
+    return lost_peers(which, -1);
+  }
   // Names of the given peers (all but `except` when empty) whose connections are closed.
-  std::string lost_peers(const std::vector<int>& which, int except = -1) const;
+  std::string lost_peers(const std::vector<int>& which, int except) const;
 
  private:
   std::string also_lost(int except) const;  // " (connections also closed by: ...)" or ""
