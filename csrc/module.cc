@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/header.h"
 #include "core/registry.h"
+#include "core/settings.h"
 #include "mpi/mpi_group.h"
 #include "nccl/nccl_group.h"
 #include "nccl/nccl_lib.h"
@@ -43,19 +44,45 @@ int64_t add_world(Connect&& connect) {
   return add_group(std::move(g));
 }
 
-// The ring's options for a world (also the control ring of JACCL and NCCL). Python validates
-// MLXDIST_TIMEOUT; this guards direct callers, since a NaN or an enormous value would overflow
-// the deadline arithmetic.
-ring::Options ring_options(double timeout, const std::string& token, bool verbose,
-                           const std::string& transport) {
-  if (!(timeout > 0) || !std::isfinite(timeout))
-    fail("init: the timeout must be a positive number of seconds, got ", timeout);
+// The ring's options for a world (also the control ring of JACCL and NCCL). Python checks the
+// timeout; this guards direct callers, since a NaN or an enormous value would overflow the
+// deadline arithmetic.
+ring::Options ring_options(const Settings& s, const std::string& transport) {
+  if (!(s.timeout_s > 0) || !std::isfinite(s.timeout_s))
+    fail("init: the timeout must be a positive number of seconds, got ", s.timeout_s);
   ring::Options opts;
   opts.transport = transport;
-  opts.timeout_s = std::min(timeout, ring::kMaxTimeout);
-  opts.token = token;
-  opts.verbose = verbose;
+  opts.timeout_s = std::min(s.timeout_s, ring::kMaxTimeout);
+  opts.token = s.token;
+  opts.verbose = s.verbose;
   return opts;
+}
+
+std::shared_ptr<Group> connect(const std::string& backend, int rank,
+                               const std::vector<std::vector<std::string>>& hostfile,
+                               const std::vector<int>& listen_fds, const Settings& s,
+                               const std::vector<std::string>& devices) {
+  if (backend == "ring")
+    return ring::make_world(rank, hostfile, listen_fds, ring_options(s, s.transport));
+  if (backend == "jaccl") {
+    jaccl::Options opts;
+    opts.transport = s.jaccl_transport;
+    opts.devices = devices;
+    if (!s.ibverbs_lib.empty()) opts.ibverbs_lib = s.ibverbs_lib;
+    opts.gid_index = s.ibv_gid_index;
+    opts.ring = s.jaccl_ring;
+    // The control ring over TCP: the data goes over the queue pairs.
+    return jaccl::make_world(rank, hostfile, listen_fds, ring_options(s, "tcp"), opts);
+  }
+  if (backend == "nccl") {
+    nccl::Options opts;
+    opts.lib = s.nccl_lib;
+    opts.device = s.nccl_device;
+    opts.check = s.nccl_check;
+    return nccl::make_world(rank, hostfile, listen_fds, ring_options(s, s.transport), opts);
+  }
+  if (backend == "mpi") return mpi::make_world(s.mpi_lib, ring_options(s, "tcp").timeout_s);
+  fail("unknown backend \"", backend, "\"");
 }
 
 }  // namespace
@@ -63,59 +90,36 @@ ring::Options ring_options(double timeout, const std::string& token, bool verbos
 NB_MODULE(_C, m) {
   nb::exception<DistError>(m, "DistError");
 
-  m.def(
-      "init_ring",
-      [](int rank, const std::vector<std::vector<std::string>>& hostfile,
-         const std::vector<int>& listen_fds, double timeout, const std::string& token,
-         const std::string& transport, bool verbose) {
-        ring::Options opts = ring_options(timeout, token, verbose, transport);
-        return add_world([&] { return ring::make_world(rank, hostfile, listen_fds, opts); });
-      },
-      nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
-      nb::arg("token") = "", nb::arg("transport") = "auto", nb::arg("verbose") = false, "Connect this rank to the ring; returns a group handle.");
+  nb::class_<Settings>(m, "Settings", "A world's configuration (built by _config.settings()).")
+      .def(nb::init<>())
+      .def_rw("timeout_s", &Settings::timeout_s)
+      .def_rw("token", &Settings::token)
+      .def_rw("verbose", &Settings::verbose)
+      .def_rw("transport", &Settings::transport)
+      .def_rw("jaccl_transport", &Settings::jaccl_transport)
+      .def_rw("jaccl_ring", &Settings::jaccl_ring)
+      .def_rw("ibverbs_lib", &Settings::ibverbs_lib)
+      .def_rw("ibv_gid_index", &Settings::ibv_gid_index)
+      .def_rw("nccl_lib", &Settings::nccl_lib)
+      .def_rw("nccl_device", &Settings::nccl_device)
+      .def_rw("nccl_check", &Settings::nccl_check)
+      .def_rw("mpi_lib", &Settings::mpi_lib);
 
   m.def(
-      "init_jaccl",
-      [](int rank, const std::vector<std::vector<std::string>>& hostfile,
-         const std::vector<int>& listen_fds, double timeout, const std::string& token,
-         bool verbose, const std::string& transport, const std::vector<std::string>& devices,
-         const std::string& ibverbs_lib, bool ring) {
-        ring::Options ring_opts = ring_options(timeout, token, verbose, "tcp");
-        jaccl::Options opts;
-        opts.transport = transport;
-        opts.devices = devices;
-        if (!ibverbs_lib.empty()) opts.ibverbs_lib = ibverbs_lib;
-        opts.ring = ring;
-        return add_world(
-            [&] { return jaccl::make_world(rank, hostfile, listen_fds, ring_opts, opts); });
+      "connect",
+      [](const std::string& backend, int rank, const std::vector<std::vector<std::string>>& hostfile,
+         const std::vector<int>& listen_fds, const Settings& settings,
+         const std::vector<std::string>& devices) {
+        return add_world([&] { return connect(backend, rank, hostfile, listen_fds, settings, devices); });
       },
-      nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
-      nb::arg("token") = "", nb::arg("verbose") = false, nb::arg("transport") = "auto",
-      nb::arg("devices") = std::vector<std::string>(), nb::arg("ibverbs_lib") = "",
-      nb::arg("ring") = false,
-      "Connect this rank's JACCL group (control over TCP, data over queue pairs).");
+      nb::arg("backend"), nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"),
+      nb::arg("settings"), nb::arg("devices") = std::vector<std::string>(),
+      "Connect this rank's world on backend ring, jaccl, nccl or mpi (mpi ignores the hostfile); "
+      "returns a group handle.");
   m.def("ibverbs_available", [](const std::string& lib) {
     return ibverbs::available(lib.empty() ? "libibverbs.so.1" : lib);
   });
 
-  m.def(
-      "init_nccl",
-      [](int rank, const std::vector<std::vector<std::string>>& hostfile,
-         const std::vector<int>& listen_fds, double timeout, const std::string& token,
-         const std::string& transport, bool verbose, const std::string& lib, int device,
-         bool check) {
-        ring::Options ring_opts = ring_options(timeout, token, verbose, transport);
-        nccl::Options opts;
-        opts.lib = lib;
-        opts.device = device;
-        opts.check = check;
-        return add_world(
-            [&] { return nccl::make_world(rank, hostfile, listen_fds, ring_opts, opts); });
-      },
-      nb::arg("rank"), nb::arg("hostfile"), nb::arg("listen_fds"), nb::arg("timeout"),
-      nb::arg("token"), nb::arg("transport"), nb::arg("verbose"), nb::arg("lib"),
-      nb::arg("device"), nb::arg("check"),
-      "Connect this rank's NCCL group on CUDA device `device` (control over the TCP ring).");
   m.def("nccl_available", [](const std::string& lib) {
     std::string why;
     bool ok = nccl::available(lib, &why);
@@ -124,28 +128,15 @@ NB_MODULE(_C, m) {
 
   m.def(
       "rendezvous",
-      [](const std::string& coordinator, int rank, int size, int listen_fd, double timeout,
-         const std::string& token, bool verbose) {
-        if (!(timeout > 0) || !std::isfinite(timeout))
-          fail("init: the timeout must be a positive number of seconds, got ", timeout);
+      [](const std::string& coordinator, int rank, int size, int listen_fd, const Settings& s) {
+        const ring::Options opts = ring_options(s, "tcp");
         nb::gil_scoped_release release;
-        return tcp::rendezvous(coordinator, rank, size, listen_fd,
-                               std::min(timeout, ring::kMaxTimeout), token, verbose);
+        return tcp::rendezvous(coordinator, rank, size, listen_fd, opts.timeout_s, opts.token,
+                               opts.verbose);
       },
-      nb::arg("coordinator"), nb::arg("rank"), nb::arg("size"), nb::arg("listen_fd") = -1,
-      nb::arg("timeout") = 300.0, nb::arg("token") = "", nb::arg("verbose") = false,
-      "Meet at the coordinator (rank 0's address); returns every rank's address.");
+      nb::arg("coordinator"), nb::arg("rank"), nb::arg("size"), nb::arg("listen_fd"),
+      nb::arg("settings"), "Meet at the coordinator (rank 0's address); returns every rank's address.");
 
-  m.def(
-      "init_mpi",
-      [](const std::string& lib, double timeout) {
-        if (!(timeout > 0) || !std::isfinite(timeout))
-          fail("init: the timeout must be a positive number of seconds, got ", timeout);
-        return add_world(
-            [&] { return mpi::make_world(lib, std::min(timeout, ring::kMaxTimeout)); });
-      },
-      nb::arg("lib") = "", nb::arg("timeout") = 300.0,
-      "Join MPI's world (loading the MPI library); returns a group handle.");
   m.def("mpi_available", [](const std::string& lib) {
     std::string why;
     bool ok = mpi::available(lib, &why);

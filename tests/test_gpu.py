@@ -185,9 +185,14 @@ def one_rank_ops(backend):
     from jax_mlxdist import _primitives as P
     book = [["127.0.0.1:1"]]  # a ring of one never connects
     if backend == "nccl":
-        h = _C.init_nccl(0, book, [], 60.0, "", "auto", False, *_group._nccl_setup(), True)
+        import dataclasses
+        from jax_mlxdist import _config
+        base = _config.settings("nccl")
+        lib, device = _group._nccl_setup(base.nccl_lib)
+        settings = dataclasses.replace(base, nccl_lib=lib, nccl_device=device)
+        h = _C.connect("nccl", 0, book, [], settings.for_cxx())
     else:
-        h = _C.init_ring(0, book, [], 60.0)
+        h = _C.connect("ring", 0, book, [], _C.Settings())
     x = jnp.arange(6, dtype=jnp.float32) - 2
     out = []
     for dtype in (jnp.float32, jnp.bfloat16, jnp.int16, jnp.int32, jnp.complex64, jnp.bool_):

@@ -91,7 +91,7 @@ def test_cxx_group_of_one_returns_its_input():
     import jax.numpy as jnp
     from jax_mlxdist import _C
     from jax_mlxdist import _primitives as P
-    h = _C.init_ring(0, [["127.0.0.1:1"]], [], 60.0)  # a ring of one never connects
+    h = _C.connect("ring", 0, [["127.0.0.1:1"]], [], _C.Settings())  # a ring of one never connects
     try:
         for x in (jnp.arange(6.0) - 2, jnp.ones(100_000)):
             for op in P.REDUCE.values():

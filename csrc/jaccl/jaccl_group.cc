@@ -35,7 +35,7 @@ std::unique_ptr<verbs::QueuePairs> connect(ring::RingGroup& control, const Optio
   std::vector<std::string> devices = o.devices;
   devices.resize(n);
   return ibverbs::connect(me, n, devices, exchange, names, lost, control.options().timeout_s,
-                          o.ibverbs_lib);
+                          o.gid_index, o.ibverbs_lib);
 }
 
 }  // namespace

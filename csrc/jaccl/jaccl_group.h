@@ -19,6 +19,7 @@ struct Options {
   std::string transport = "auto";    // auto (shared memory on one host, else ibverbs), shm, ibverbs
   std::vector<std::string> devices;  // this rank's row of MLX_IBV_DEVICES ("" for itself)
   std::string ibverbs_lib = "libibverbs.so.1";
+  int gid_index = -1;  // MLXDIST_IBV_GID_INDEX (-1: pick one)
   size_t frame_bytes = 256 << 10;
   int depth = 4;
   bool ring = false;  // MLX_JACCL_RING: the ring algorithms over the same queue pairs

@@ -201,9 +201,9 @@ struct Address {  // what a rank tells a peer about the queue pair facing it
 class IbvQueuePairs : public verbs::QueuePairs {
  public:
   IbvQueuePairs(Lib& lib, int rank, int size, verbs::PeerNames names, verbs::LostPeers lost,
-                double timeout_s)
+                double timeout_s, int gid_index)
       : lib_(lib), rank_(rank), names_(std::move(names)), lost_(std::move(lost)),
-        timeout_s_(timeout_s), peers_(size) {}
+        timeout_s_(timeout_s), gid_index_(gid_index), peers_(size) {}
   ~IbvQueuePairs() override {
     close();
     for (auto& r : regs_) std::free(r.mem);
@@ -454,7 +454,7 @@ class IbvQueuePairs : public verbs::QueuePairs {
   // RoCE needs a GID: MLXDIST_IBV_GID_INDEX, else RoCE v2 with an IPv4 address (routable, what
   // RoCE deployments use), else any non-zero one. InfiniBand routes by LID.
   int pick_gid(const Dev& dev, int table_len) {
-    if (const char* env = std::getenv("MLXDIST_IBV_GID_INDEX")) return std::atoi(env);
+    if (gid_index_ >= 0) return gid_index_;
     if (!dev.ethernet) return 0;
     int best = 0, best_score = -1;
     for (int i = 0; i < table_len && i < 256; ++i) {
@@ -548,6 +548,7 @@ class IbvQueuePairs : public verbs::QueuePairs {
   verbs::PeerNames names_;
   verbs::LostPeers lost_;
   double timeout_s_;
+  int gid_index_;  // >= 0: MLXDIST_IBV_GID_INDEX
   std::vector<Peer> peers_;
   std::vector<Dev> devs_;
   std::vector<Reg> regs_;
@@ -584,7 +585,8 @@ std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
                                            const std::vector<std::string>& devices,
                                            const verbs::AllGather& exchange,
                                            verbs::PeerNames names, verbs::LostPeers lost,
-                                           double timeout_s, const std::string& lib_path) {
+                                           double timeout_s, int gid_index,
+                                           const std::string& lib_path) {
   std::unique_ptr<IbvQueuePairs> qps;
   std::string err;
   // Round 1, "ok\n" then a row per rank: "lid qpn psn mtu gid-hex" (empty for oneself).
@@ -594,7 +596,7 @@ std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
       fail("RDMA devices listed for ", devices.size(), " ranks, the group has ", size);
     Lib* lib = load(lib_path, &err);
     if (!lib) fail(err);
-    qps = std::make_unique<IbvQueuePairs>(*lib, rank, size, names, lost, timeout_s);
+    qps = std::make_unique<IbvQueuePairs>(*lib, rank, size, names, lost, timeout_s, gid_index);
     qps->open(devices);
     mine << "ok\n";
     for (int p = 0; p < size; ++p) {

@@ -20,12 +20,13 @@ std::pair<bool, std::string> available(const std::string& lib_path = "libibverbs
 // rows). Every rank calls exchange exactly twice (addresses, then a barrier once its queue pairs
 // are ready to send), also after a local failure, so that a failure on any rank throws DistError
 // on all of them. lost names peers whose control connection closed (poll checks those it waits
-// on); timeout_s is quoted in time-out messages. MLXDIST_IBV_GID_INDEX overrides the RoCE GID.
+// on); timeout_s is quoted in time-out messages. gid_index >= 0 overrides the RoCE GID
+// (MLXDIST_IBV_GID_INDEX).
 std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
                                            const std::vector<std::string>& devices,
                                            const verbs::AllGather& exchange,
                                            verbs::PeerNames names, verbs::LostPeers lost,
-                                           double timeout_s,
+                                           double timeout_s, int gid_index,
                                            const std::string& lib_path = "libibverbs.so.1");
 
 }  // namespace mlxdist::ibverbs

@@ -5,6 +5,7 @@ the transport. Parsing only; connecting happens in the C++ extension.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -143,6 +144,66 @@ def jaccl_ring() -> bool:
 def ibverbs_library() -> str:
     """MLXDIST_IBV_LIB: the libibverbs to load (default: libibverbs.so.1)."""
     return os.environ.get("MLXDIST_IBV_LIB", "")
+
+
+def ibv_gid_index() -> int:
+    """MLXDIST_IBV_GID_INDEX: the RoCE GID table entry to use (default -1: pick one)."""
+    raw = os.environ.get("MLXDIST_IBV_GID_INDEX", "").strip()
+    if not raw:
+        return -1
+    if not raw.isdigit() or int(raw) > 255:
+        raise DistributedError(f"MLXDIST_IBV_GID_INDEX={raw!r}: expected a GID index from 0 to 255")
+    return int(raw)
+
+
+def verbose() -> bool:
+    """MLX_RING_VERBOSE: say on stderr how the group connected (as MLX's ring)."""
+    return os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
+
+
+def token() -> str:
+    """MLXDIST_TOKEN: the job's secret that every connection proves ("" for none)."""
+    return os.environ.get("MLXDIST_TOKEN", "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a world's connection is configured by, each variable read and checked once
+    (at init); _C.Settings mirrors it (csrc/core/settings.h)."""
+    timeout_s: float
+    token: str
+    verbose: bool
+    transport: str
+    jaccl_transport: str
+    jaccl_ring: bool
+    ibverbs_lib: str
+    ibv_gid_index: int
+    nccl_lib: str = ""
+    nccl_device: int = 0
+    nccl_check: bool = True
+    mpi_lib: str = ""
+
+    def for_cxx(self):
+        from jax_mlxdist import _C
+        out = _C.Settings()
+        for name, value in dataclasses.asdict(self).items():
+            setattr(out, name, value)
+        return out
+
+
+def settings(backend: str) -> Settings:
+    """This process's settings for a world on backend (ring, jaccl, nccl, mpi): only the
+    variables that backend reads are read."""
+    common = dict(timeout_s=timeout(), token=token(), verbose=verbose(), transport=transport())
+    if backend == "jaccl":
+        return Settings(**common, jaccl_transport=jaccl_transport(), jaccl_ring=jaccl_ring(),
+                        ibverbs_lib=ibverbs_library(), ibv_gid_index=ibv_gid_index())
+    plain = dict(jaccl_transport="auto", jaccl_ring=False, ibverbs_lib="", ibv_gid_index=-1)
+    if backend == "nccl":
+        return Settings(**common, **plain, nccl_lib=nccl_library(), nccl_check=nccl_check())
+    if backend == "mpi":
+        return Settings(**common, **plain, mpi_lib=mpi_library())
+    return Settings(**common, **plain)
 
 
 def runtime_tokens() -> bool:
@@ -316,6 +377,19 @@ def _published_coordinator(rank: int, size: int, source: str) -> Coordinator:
 def mpi_launched() -> bool:
     """Whether an MPI launcher (mpirun, mpiexec, srun --mpi) started this process."""
     return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+
+
+def take_ready_fd() -> int | None:
+    """MLXDIST_READY_FD, once: the pipe on which `jax-mlxdist launch` waits for this rank to
+    say it connected (removed, so a child process does not say it again)."""
+    fd = os.environ.pop("MLXDIST_READY_FD", "")
+    return int(fd) if fd.isdigit() else None
+
+
+def ring_variables_set() -> bool:
+    """Whether the ring's own configuration (a hostfile or a coordinator) is set: then an MPI
+    launcher's presence does not make MPI the default backend."""
+    return bool(os.environ.get("MLX_HOSTFILE") or os.environ.get("MLXDIST_COORDINATOR"))
 
 
 def mpi_library() -> str:

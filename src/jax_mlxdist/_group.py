@@ -7,6 +7,7 @@ communication happens in the C++ extension.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import operator
 import os
 import threading
@@ -14,11 +15,9 @@ import weakref
 
 import jax
 
-from jax_mlxdist import _C, _dispatch
-from jax_mlxdist._config import (coordinator_config, default_backend, ibverbs_library,
-                                 jaccl_config, jaccl_ring, jaccl_transport, mpi_launched,
-                                 mpi_library, nccl_check, nccl_library, ring_config, timeout,
-                                 transport)
+from jax_mlxdist import _C, _config, _dispatch
+from jax_mlxdist._config import (coordinator_config, default_backend, jaccl_config,
+                                 mpi_launched, mpi_library, ring_config)
 from jax_mlxdist._errors import DistributedError
 
 BACKENDS = ("any", "ring", "mpi", "jaccl", "nccl")
@@ -148,7 +147,7 @@ def is_available(backend: str = "any") -> bool:
     if backend == "mpi":
         return _C.mpi_available(mpi_library())[0]
     if backend == "nccl":
-        return _nccl_device()[0] is not None and _C.nccl_available(nccl_library())[0]
+        return _nccl_device()[0] is not None and _C.nccl_available(_config.nccl_library())[0]
     return backend in ("any", "ring", "jaccl")  # jaccl: shared memory needs nothing else
 
 
@@ -209,12 +208,13 @@ def _connect(config, meet, backend: str = "ring", devices: list[str] | None = No
         if meet:
             meet.done()
         return Group(None, 0, 1, backend)
-    verbose = os.environ.get("MLX_RING_VERBOSE", "") not in ("", "0")
-    token = os.environ.get("MLXDIST_TOKEN", "")
     rank = config[0] if config else meet.rank
     try:
         try:  # checked before connecting, so no peer waits on a rank that cannot join
-            nccl = _nccl_setup() if backend == "nccl" else None
+            settings = _config.settings(backend)
+            if backend == "nccl":
+                lib, device = _nccl_setup(settings.nccl_lib)
+                settings = dataclasses.replace(settings, nccl_lib=lib, nccl_device=device)
         except DistributedError:
             if meet:
                 meet.done()
@@ -224,21 +224,14 @@ def _connect(config, meet, backend: str = "ring", devices: list[str] | None = No
         else:  # every rank's address, gathered by rank 0
             try:
                 table = _call(_C.rendezvous, meet.address, rank, size, meet.listen_fd,
-                              timeout(), token, verbose)
+                              settings.for_cxx())
             except DistributedError as e:
                 raise DistributedError(f"meeting at the coordinator {meet.address} ({meet.source} "
                                        f"variables): {e}") from None
             finally:
                 meet.done()
             hosts, fds = [[a] for a in table], []
-        if backend == "nccl":
-            handle = _call(_C.init_nccl, rank, hosts, fds, timeout(), token, transport(),
-                           verbose, *nccl, nccl_check())
-        elif backend == "jaccl":
-            handle = _call(_C.init_jaccl, rank, hosts, fds, timeout(), token, verbose,
-                           jaccl_transport(), devices or [], ibverbs_library(), jaccl_ring())
-        else:
-            handle = _call(_C.init_ring, rank, hosts, fds, timeout(), token, transport(), verbose)
+        handle = _call(_C.connect, backend, rank, hosts, fds, settings.for_cxx(), devices or [])
     except DistributedError as e:  # say which step failed: connecting, not a collective
         raise DistributedError(f"init (rank {rank} of {size}): {e}") from None
     return Group(handle, rank, size, backend)
@@ -256,13 +249,12 @@ def _nccl_device():
     return gpus[0].local_hardware_id, ""
 
 
-def _nccl_setup() -> tuple[str, int]:
+def _nccl_setup(lib: str) -> tuple[str, int]:
     """(NCCL library, CUDA device) for this rank, or DistributedError saying what is missing."""
     device, why = _nccl_device()
     if device is None:
         raise DistributedError(f"backend 'nccl' needs arrays on a CUDA GPU: {why}. Use the "
                                "ring backend for CPU arrays")
-    lib = nccl_library()
     ok, why = _C.nccl_available(lib)
     if not ok:
         raise DistributedError(f"backend 'nccl': {why}")
@@ -271,19 +263,18 @@ def _nccl_setup() -> tuple[str, int]:
 
 def _mpi_by_default() -> bool:
     """backend="any": MPI when an MPI launcher started us and no ring configuration is set."""
-    return (mpi_launched() and not os.environ.get("MLX_HOSTFILE")
-            and not os.environ.get("MLXDIST_COORDINATOR")
+    return (mpi_launched() and not _config.ring_variables_set()
             and _C.mpi_available(mpi_library())[0])
 
 
 def _join_mpi(strict: bool) -> Group:
-    lib = mpi_library()
-    ok, why = _C.mpi_available(lib)
+    settings = _config.settings("mpi")
+    ok, why = _C.mpi_available(settings.mpi_lib)
     if not ok:
         if strict:
             raise DistributedError(f"init(strict=True, backend='mpi'): {why}")
         return Group(None, 0, 1, "mpi")
-    handle = _call(_C.init_mpi, lib, timeout())
+    handle = _call(_C.connect, "mpi", 0, [], [], settings.for_cxx())
     rank, size = _C.group_info(handle)
     _tell_launcher()
     return Group(handle, rank, size, "mpi")
@@ -291,11 +282,11 @@ def _join_mpi(strict: bool) -> Group:
 
 def _tell_launcher() -> None:
     """Signals `jax-mlxdist launch` that this rank is connected (for its progress line)."""
-    fd = os.environ.pop("MLXDIST_READY_FD", "")
-    if fd.isdigit():
+    fd = _config.take_ready_fd()
+    if fd is not None:
         try:
-            os.write(int(fd), b"r")
-            os.close(int(fd))
+            os.write(fd, b"r")
+            os.close(fd)
         except OSError:
             pass
 
