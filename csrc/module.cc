@@ -18,6 +18,7 @@
 #include "mpi/mpi_lib.h"
 #include "bootstrap/rendezvous.h"
 #include "ffi/handlers.h"
+#include "gpu/staging.h"
 #include "ring/ring_group.h"
 #include "jaccl/jaccl_group.h"
 #include "transport/ibverbs.h"
@@ -174,7 +175,7 @@ NB_MODULE(_C, m) {
     nb::gil_scoped_release release;
     auto engine = find_engine(handle);
     remove_group(handle);  // the group is closed on its engine's thread, pending work done
-    ffi_handlers::release_gpu_staging(handle);
+    gpu::release_staging(handle);
     return engine ? engine->group().unreported_failure() : std::string();
   });
 

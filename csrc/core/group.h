@@ -11,6 +11,30 @@
 
 namespace mlxdist {
 
+// Ops on device memory, enqueued on a device stream (XLA's) instead of run on the engine: what
+// a group whose library drives the device itself offers (NCCL), as MLX's groups own a
+// communication stream. Called from XLA's threads, one op at a time per group. A group without
+// them, or an op it does not run natively, takes the staged path (gpu/staging.h): device
+// memory copied through pinned host buffers and the op run on the engine.
+class StreamOps {
+ public:
+  virtual ~StreamOps() = default;
+  // Whether an op on dtype t reducing with op (kSum where nothing is reduced) runs here.
+  virtual bool runs(DType t, ReduceOp op) const = 0;
+  virtual void all_reduce_on(void* stream, const void* in, void* out, size_t count, DType t,
+                             ReduceOp op, uint64_t shape_hash) = 0;
+  virtual void all_gather_on(void* stream, const void* in, void* out, size_t count, DType t,
+                             uint64_t shape_hash) = 0;
+  virtual void reduce_scatter_on(void* stream, const void* in, void* out, size_t count, DType t,
+                                 ReduceOp op, uint64_t shape_hash) = 0;
+  virtual void send_on(void* stream, const void* in, size_t count, DType t, int dst,
+                       uint64_t shape_hash, int tag) = 0;
+  virtual void recv_on(void* stream, void* out, size_t count, DType t, int src,
+                       uint64_t shape_hash, int tag) = 0;
+  // Waits for the group's work on stream (raising what failed), then a barrier.
+  virtual void barrier_on(void* stream) = 0;
+};
+
 class Group {
  public:
   virtual ~Group() = default;
@@ -43,6 +67,8 @@ class Group {
   virtual void close() { abort(""); }
   // A failure found after its op returned (asynchronous backends) that no call has raised yet.
   virtual std::string unreported_failure() const { return ""; }
+  // Its ops on device streams, if it has them (else nullptr: the staged path).
+  virtual StreamOps* stream_ops() { return nullptr; }
 
   // "group 1a2b (rank 0 of 4)" for messages.
   std::string label() const;

@@ -5,6 +5,7 @@
 #include "core/dtype.h"
 #include "core/registry.h"
 #include "ffi/decode.h"
+#include "ffi/ops.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -103,55 +104,13 @@ ffi::Future Barrier(ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllReduce, AllReduce,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Token>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Token>()
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("reduce"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllGather, AllGather,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Token>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Token>()
-                                  .Attr<int64_t>("group"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSumScatter, SumScatter,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Token>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Token>()
-                                  .Attr<int64_t>("group"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSend, Send,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Token>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Token>()
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("dst")
-                                  .Attr<int64_t>("tag"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kRecv, Recv,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Token>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Token>()
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("src")
-                                  .Attr<int64_t>("tag"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kBarrier, Barrier,
-                              ffi::Ffi::Bind().Arg<ffi::Token>().Ret<ffi::Token>().Attr<int64_t>("group"));
+#define MLXDIST_CPU_HANDLER(fn, target, binding) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(kCpu##fn, fn, ffi::Ffi::Bind() binding);
+MLXDIST_FFI_OPS(MLXDIST_CPU_HANDLER)
 
 std::vector<std::pair<std::string, void*>> cpu_targets() {
-  return {{"mlxdist_all_reduce", reinterpret_cast<void*>(kAllReduce)},
-          {"mlxdist_all_gather", reinterpret_cast<void*>(kAllGather)},
-          {"mlxdist_sum_scatter", reinterpret_cast<void*>(kSumScatter)},
-          {"mlxdist_send", reinterpret_cast<void*>(kSend)},
-          {"mlxdist_recv", reinterpret_cast<void*>(kRecv)},
-          {"mlxdist_barrier", reinterpret_cast<void*>(kBarrier)}};
+#define MLXDIST_CPU_TARGET(fn, target, binding) {target, reinterpret_cast<void*>(kCpu##fn)},
+  return {MLXDIST_FFI_OPS(MLXDIST_CPU_TARGET)};
 }
 
 }  // namespace mlxdist::ffi_handlers

@@ -11,9 +11,7 @@ namespace mlxdist::ffi_handlers {
 
 // (custom-call target name, XLA_FFI_Handler*) for the CPU platform.
 std::vector<std::pair<std::string, void*>> cpu_targets();
-// The same targets for CUDA: arrays staged through pinned host memory (gpu_handlers.cc).
+// The same targets for CUDA: on the group's device streams, or staged (gpu_handlers.cc).
 std::vector<std::pair<std::string, void*>> gpu_targets();
-// Frees a closed group's pinned buffers.
-void release_gpu_staging(int64_t group);
 
 }  // namespace mlxdist::ffi_handlers

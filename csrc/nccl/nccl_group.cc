@@ -49,7 +49,7 @@ int red_op(DType t, ReduceOp op) {
 
 }  // namespace
 
-bool NcclGroup::native(DType t, ReduceOp op) {
+bool NcclGroup::runs(DType t, ReduceOp op) const {
   if (data_type(t) < 0) return false;
   if (t == DType::kComplex64) return op == ReduceOp::kSum;
   // NCCL's float max/min (fmaxf) drop NaN; every backend here propagates it.

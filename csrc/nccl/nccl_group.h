@@ -28,7 +28,7 @@ struct Options {
   bool check = true;  // MLXDIST_NCCL_CHECK: agree on each op's header before NCCL runs it
 };
 
-class NcclGroup : public Group {
+class NcclGroup : public Group, public StreamOps {
  public:
   // Connects every pair for point-to-point (see connect_pairs) under the watchdog.
   NcclGroup(std::shared_ptr<ring::RingGroup> control, Comm comm, Options opts);
@@ -54,21 +54,22 @@ class NcclGroup : public Group {
   void close() override;
   std::string unreported_failure() const override;
 
-  // Whether NCCL reduces dtype t with op itself (else the caller stages through host memory).
-  static bool native(DType t, ReduceOp op);
-  // Device memory, enqueued on stream. Called from XLA's threads, one op at a time per group.
+  // Device memory, enqueued on XLA's stream (core/group.h). NCCL runs every dtype for what
+  // reduces nothing (bytes) and the reductions its types have (NaN-propagating max/min aside).
+  StreamOps* stream_ops() override { return this; }
+  bool runs(DType t, ReduceOp op) const override;
   void all_reduce_on(void* stream, const void* in, void* out, size_t count, DType t, ReduceOp op,
-                     uint64_t shape_hash);
+                     uint64_t shape_hash) override;
   void all_gather_on(void* stream, const void* in, void* out, size_t count, DType t,
-                     uint64_t shape_hash);
+                     uint64_t shape_hash) override;
   void reduce_scatter_on(void* stream, const void* in, void* out, size_t count, DType t,
-                         ReduceOp op, uint64_t shape_hash);
+                         ReduceOp op, uint64_t shape_hash) override;
   void send_on(void* stream, const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
-               int tag);
+               int tag) override;
   void recv_on(void* stream, void* out, size_t count, DType t, int src, uint64_t shape_hash,
-               int tag);
+               int tag) override;
   // Waits for the group's work on stream (raising what failed), then a barrier on the host.
-  void barrier_on(void* stream);
+  void barrier_on(void* stream) override;
 
  private:
   using Clock = std::chrono::steady_clock;

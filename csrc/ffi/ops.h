@@ -1,0 +1,27 @@
+// The FFI targets, one row per op: (handler, custom-call target, binding after the platform's
+// context). handlers.cc (CPU) and gpu_handlers.cc (CUDA) both expand this table, so both
+// platforms bind the same signatures and register the same names (_primitives.py lowers to
+// them).
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+#define MLXDIST_FFI_OPS(X)                                                                    \
+  X(AllReduce, "mlxdist_all_reduce",                                                           \
+    .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()              \
+        .Ret<xla::ffi::Token>().Attr<int64_t>("group").Attr<int64_t>("reduce"))               \
+  X(AllGather, "mlxdist_all_gather",                                                           \
+    .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()              \
+        .Ret<xla::ffi::Token>().Attr<int64_t>("group"))                                        \
+  X(SumScatter, "mlxdist_sum_scatter",                                                         \
+    .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()              \
+        .Ret<xla::ffi::Token>().Attr<int64_t>("group"))                                        \
+  X(Send, "mlxdist_send",                                                                      \
+    .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()              \
+        .Ret<xla::ffi::Token>().Attr<int64_t>("group").Attr<int64_t>("dst")                   \
+        .Attr<int64_t>("tag"))                                                                 \
+  X(Recv, "mlxdist_recv",                                                                      \
+    .Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>().Ret<xla::ffi::Token>()                  \
+        .Attr<int64_t>("group").Attr<int64_t>("src").Attr<int64_t>("tag"))                    \
+  X(Barrier, "mlxdist_barrier",                                                                \
+    .Arg<xla::ffi::Token>().Ret<xla::ffi::Token>().Attr<int64_t>("group"))
