@@ -64,6 +64,10 @@ MPI_SHM = ["--mca", "pml", "ob1", "--mca", "btl", "vader,self"]
 # name -> label, venv (None: this interpreter), rank script, how ranks are started
 IMPLS = {
     "ours": dict(label="ours", venv=None, script="ours.py", start="ours"),
+    # Another build of ours side by side (a refactor's before/after): BENCH_BEFORE is the
+    # directory it was installed into (pip install --target DIR), put first on its PYTHONPATH.
+    "ours-before": dict(label="ours, the earlier build", venv=None, script="ours.py",
+                        start="ours", pythonpath="BENCH_BEFORE"),
     "ours-eager": dict(label="ours eager", venv=None, script="ours.py", start="ours",
                        env={"BENCH_DISPATCH": "eager"}),
     "ours-tokens": dict(label="ours, JAX's runtime tokens", venv=None, script="ours.py",
@@ -133,6 +137,12 @@ class Group:
         if self.name == "torch":
             env["OMP_NUM_THREADS"] = "1"
         env.update(self.spec.get("env", {}))
+        if "pythonpath" in self.spec:
+            where = os.environ.get(self.spec["pythonpath"], "")
+            if not where:
+                raise GroupFailed(f"{self.name} needs {self.spec['pythonpath']}: the directory "
+                                  "that build was installed into")
+            env["PYTHONPATH"] = where + os.pathsep + env.get("PYTHONPATH", "")
         out = open(self.log, "wb")
         reservations: list[socket.socket] = []
         hostfile = None
