@@ -17,13 +17,13 @@ def pytest_addoption(parser):
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" not in metafunc.fixturenames:
+    if "on_backend" not in metafunc.fixturenames:
         return
     chosen = [b.strip() for b in metafunc.config.getoption("backend").split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BACKENDS]
     if unknown or not chosen:
         raise pytest.UsageError(f"--backend: {unknown or chosen} is not a list of {BACKENDS}")
-    metafunc.parametrize("backend", chosen, indirect=True)
+    metafunc.parametrize("on_backend", chosen, indirect=True)
 
 
 def have_mpi() -> bool:
@@ -33,7 +33,7 @@ def have_mpi() -> bool:
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
+def on_backend(request, monkeypatch):
     """The backend this test's ranks use (run_ranks and the plugin read MLXDIST_TEST_BACKEND)."""
     name = request.param
     if name == "mpi" and not have_mpi():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 # Once per backend given to --backend (conftest.py).
-pytestmark = pytest.mark.usefixtures("backend")
+pytestmark = pytest.mark.usefixtures("on_backend")
 
 
 X64 = {"JAX_ENABLE_X64": "1"}
