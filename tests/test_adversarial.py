@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from jax_mlxdist.testing import RanksFailed, run_ranks
+from jax_mlxdist.testing import RanksFailed, attempt, data_path_env, run_ranks
 
 TIMEOUT = 3.0
 MARGIN = 3.0  # what a surviving rank may take beyond the timeout (slow CI machines)
@@ -18,26 +18,7 @@ STRESS = os.environ.get("MLXDIST_STRESS") == "1"
 
 @pytest.fixture(params=["tcp", "shm", "jaccl"])
 def env(request):
-    env = {"MLXDIST_TIMEOUT": str(TIMEOUT)}
-    if request.param == "jaccl":
-        env["MLXDIST_BACKEND"] = "jaccl"
-    else:
-        env["MLXDIST_TRANSPORT"] = request.param
-    return env
-
-
-def _attempt(fn):
-    """(error text or None, seconds taken); any error must be a DistributedError."""
-    import time
-    import jax
-    import jax_mlxdist as dist
-    t = time.monotonic()
-    try:
-        fn()
-        return None, time.monotonic() - t
-    except (dist.DistributedError, jax.errors.JaxRuntimeError) as e:
-        assert dist.is_distributed_error(e), e
-        return str(e), time.monotonic() - t
+    return data_path_env(request.param, TIMEOUT)
 
 
 def body_killed_at(step):
@@ -54,7 +35,7 @@ def body_killed_at(step):
         if r == 1 and i == step:
             os.kill(os.getpid(), signal.SIGKILL)
         x = jnp.full(1000 * (1 + i % 3), float(r + i))
-        err, took = _attempt(lambda: done.append(float(ops[i % 4](x).block_until_ready()[0])))
+        err, took = attempt(lambda: done.append(float(ops[i % 4](x).block_until_ready()[0])))
         if err is not None:
             return done, err, took
     return done, None, 0.0
@@ -120,7 +101,7 @@ def body_every_pair():
                 continue
             sub = g.split(0)  # a fresh group per pair: a mismatch leaves its group failed
             call = CALLS[a if g.rank() == 0 else b]
-            out[a, b] = _attempt(lambda: jax.block_until_ready(call(dist, sub, jnp)))
+            out[a, b] = attempt(lambda: jax.block_until_ready(call(dist, sub, jnp)))
             try:
                 sub.close()
             except dist.DistributedError:  # close reports the failure again: known already

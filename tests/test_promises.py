@@ -5,33 +5,14 @@ sides, naming both calls; a split against another op is caught by the header che
 
 import pytest
 
-from jax_mlxdist.testing import run_ranks
+from jax_mlxdist.testing import DATA_PATHS, attempt, data_path_env, run_ranks
 
 TIMEOUT = 3.0  # MLXDIST_TIMEOUT for these ranks
 
 
-@pytest.fixture(params=["tcp", "shm", "jaccl", "jaccl-ring"])
+@pytest.fixture(params=DATA_PATHS)
 def env(request):
-    env = {"MLXDIST_TIMEOUT": str(TIMEOUT)}
-    if request.param.startswith("jaccl"):
-        env["MLXDIST_BACKEND"] = "jaccl"
-        if request.param == "jaccl-ring":
-            env["MLX_JACCL_RING"] = "1"
-    else:
-        env["MLXDIST_TRANSPORT"] = request.param
-    return env
-
-
-def _attempt(fn):
-    """The error text fn raised (a DistributedError, possibly inside JAX's error), or None."""
-    import jax
-    import jax_mlxdist as dist
-    try:
-        fn()
-        return None
-    except (dist.DistributedError, jax.errors.JaxRuntimeError) as e:
-        assert dist.is_distributed_error(e), e
-        return str(e)
+    return data_path_env(request.param, TIMEOUT)
 
 
 def body_abandoned_call():
@@ -42,9 +23,9 @@ def body_abandoned_call():
     dist.barrier()
     if g.rank() == 1:
         # Rank 0 is not there yet: this call times out, after leaving its data for rank 0.
-        return _attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())
+        return attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())[0]
     assert wait_for_peer_hangup(60), "rank 1 never gave up"
-    return _attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())
+    return attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())[0]
 
 
 def test_survivor_raises_for_a_call_its_peer_abandoned(env):
@@ -73,7 +54,7 @@ def body_interrupted():
             return type(e).__name__
         return "returned"
     assert wait_for_peer_hangup(60), "rank 1 never left"
-    return _attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())
+    return attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())[0]
 
 
 @pytest.mark.parametrize("transport", ["shm", "jaccl"])
@@ -95,9 +76,9 @@ def body_p2p_mismatch(count, jitted):
         send = jax.jit(lambda x: dist.send(x, 1)) if jitted else (lambda x: dist.send(x, 1))
         # Sends are eager: a small one returns before rank 1 looks, and the next call that
         # waits for rank 1 raises; a large one raises itself.
-        return [_attempt(lambda: send(x).block_until_ready()), _attempt(dist.barrier)]
+        return [attempt(lambda: send(x).block_until_ready())[0], attempt(dist.barrier)[0]]
     recv = lambda: dist.recv((count + 1,), jnp.float32, 0)  # noqa: E731
-    return [_attempt(lambda: (jax.jit(recv) if jitted else recv)().block_until_ready())]
+    return [attempt(lambda: (jax.jit(recv) if jitted else recv)().block_until_ready())[0]]
 
 
 @pytest.mark.parametrize("count, jitted", [(2, False), (2, True), (8 << 20, False)])
@@ -118,8 +99,8 @@ def body_split_against_all_sum():
     import jax_mlxdist as dist
     g = dist.init()
     if g.rank() == 0:
-        return _attempt(lambda: g.split(0))
-    return _attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())
+        return attempt(lambda: g.split(0))[0]
+    return attempt(lambda: dist.all_sum(jnp.ones(4)).block_until_ready())[0]
 
 
 def test_split_against_another_op_names_both_calls(env):

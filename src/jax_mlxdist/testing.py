@@ -273,3 +273,38 @@ def wait_for_peer_hangup(timeout: float) -> bool:
     finally:
         for s in socks:
             s.close()
+
+
+def attempt(fn: Callable) -> tuple[str | None, float]:
+    """For test bodies on the ranks: runs fn and returns (the text of the DistributedError it
+    raised, or None; seconds taken). A jitted program's failure arrives as JAX's runtime error
+    carrying a DistributedError, which counts too; any other exception propagates."""
+    import jax
+    from jax_mlxdist._errors import DistributedError, is_distributed_error
+    t = time.monotonic()
+    try:
+        fn()
+        return None, time.monotonic() - t
+    except (DistributedError, jax.errors.JaxRuntimeError, ValueError) as e:
+        if not is_distributed_error(e):
+            raise
+        return str(e), time.monotonic() - t
+
+
+# Every data path a failure test runs on: the ring over sockets and over shared memory, JACCL
+# (over shared memory on one host) and JACCL's ring variant.
+DATA_PATHS = ("tcp", "shm", "jaccl", "jaccl-ring")
+
+
+def data_path_env(path: str, timeout: float) -> dict[str, str]:
+    """The ranks' environment for one of DATA_PATHS, with MLXDIST_TIMEOUT set."""
+    env = {"MLXDIST_TIMEOUT": str(timeout)}
+    if path.startswith("jaccl"):
+        env["MLXDIST_BACKEND"] = "jaccl"
+        if path == "jaccl-ring":
+            env["MLX_JACCL_RING"] = "1"
+    elif path in ("tcp", "shm"):
+        env["MLXDIST_TRANSPORT"] = path
+    else:
+        raise ValueError(f"data path {path!r}: expected one of {DATA_PATHS}")
+    return env
