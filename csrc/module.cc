@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cmath>
+#include <thread>
 #include <cstring>
 
 #include "core/error.h"
@@ -22,6 +23,7 @@
 #include "ring/ring_group.h"
 #include "jaccl/jaccl_group.h"
 #include "transport/ibverbs.h"
+#include "transport/memory.h"
 
 namespace nb = nanobind;
 using namespace mlxdist;
@@ -192,6 +194,66 @@ NB_MODULE(_C, m) {
         check_header(a, b, "this rank", "the peer");
       },
       nb::arg("mine"), nb::arg("theirs"));
+
+  // Test hook: the ring algorithms for n ranks that are threads of this process, over
+  // in-memory pipes of pipe_bytes each (transport/memory.h). op: all_reduce, all_gather,
+  // reduce_scatter or ring_pass (send to the next rank, receive from the previous);
+  // inputs[r] is rank r's bytes. Returns each rank's output bytes.
+  m.def(
+      "_ring_in_memory",
+      [](const std::string& op, const std::vector<nb::bytes>& given, int dtype, int reduce,
+         size_t chunk_bytes, size_t small_bytes, size_t pipe_bytes) {
+        std::vector<std::string> inputs;
+        for (const auto& b : given) inputs.emplace_back(b.c_str(), b.size());
+        const int n = int(inputs.size());
+        const DType t = DType(dtype);
+        const size_t es = dtype_size(t);
+        std::vector<std::string> outputs(n), errors(n);
+        for (int r = 0; r < n; ++r) {
+          const size_t bytes = inputs[r].size();
+          outputs[r].resize(op == "all_gather" ? n * bytes
+                            : op == "reduce_scatter" ? bytes / std::max(n, 1) : bytes);
+        }
+        {
+          nb::gil_scoped_release release;
+          auto hub = std::make_shared<memory::Hub>(pipe_bytes);
+          std::vector<std::thread> ranks;
+          for (int r = 0; r < n; ++r)
+            ranks.emplace_back([&, r] {
+              ring::Options opts;
+              opts.timeout_s = 30;
+              opts.chunk_bytes = chunk_bytes;
+              opts.small_bytes = small_bytes;
+              ring::RingGroup g(0x7465737400ull, r, n,
+                                std::make_unique<memory::MemoryLinks>(hub, r, 2, opts.timeout_s),
+                                opts);
+              try {
+                const char* in = inputs[r].data();
+                char* out = outputs[r].data();
+                const size_t bytes = inputs[r].size(), out_bytes = outputs[r].size();
+                if (op == "all_reduce") g.all_reduce(in, out, bytes / es, t, ReduceOp(reduce), 1);
+                else if (op == "all_gather") g.all_gather(in, out, bytes / es, t, 1);
+                else if (op == "reduce_scatter") g.reduce_scatter(in, out, out_bytes / es, t, ReduceOp(reduce), 1);
+                else if (op == "ring_pass") {
+                  g.send(in, bytes / es, t, (r + 1) % n, 1, 0);
+                  g.recv(out, bytes / es, t, (r + n - 1) % n, 1, 0);
+                } else fail("unknown op ", op);
+              } catch (const std::exception& e) {
+                errors[r] = e.what();
+                g.abort(e.what());  // as the engine does: the other ranks stop waiting on it
+              }
+            });
+          for (auto& th : ranks) th.join();
+        }
+        for (int r = 0; r < n; ++r)
+          if (!errors[r].empty()) fail("rank ", r, ": ", errors[r]);
+        std::vector<nb::bytes> out;
+        for (auto& o : outputs) out.emplace_back(o.data(), o.size());
+        return out;
+      },
+      nb::arg("op"), nb::arg("inputs"), nb::arg("dtype"), nb::arg("reduce") = 0,
+      nb::arg("chunk_bytes") = 512 << 10, nb::arg("small_bytes") = 64 << 10,
+      nb::arg("pipe_bytes") = 1 << 20);
 
   m.def(
       "ffi_targets",
