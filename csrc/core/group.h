@@ -76,6 +76,20 @@ class Group {
   void check_peer(int peer, const char* what) const;
 };
 
+// A backend's declarations of Group's ops, so their signatures are written once (above).
+#define MLXDIST_GROUP_OPS                                                                       \
+  void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,                \
+                  uint64_t shape_hash) override;                                                \
+  void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash)        \
+      override;                                                                                 \
+  void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,            \
+                      uint64_t shape_hash) override;                                            \
+  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag)       \
+      override;                                                                                 \
+  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;  \
+  void barrier() override;                                                                      \
+  std::shared_ptr<Group> split(int color, int key) override;
+
 // A splitmix64 step: group ids derived the same way agree on every rank.
 inline uint64_t mix_ids(uint64_t a, uint64_t b) {
   uint64_t z = a + 0x9e3779b97f4a7c15ull + (b << 6) + (b >> 2);

@@ -40,16 +40,7 @@ class NcclGroup : public Group, public StreamOps {
   const char* backend() const override { return "nccl"; }
 
   // Host memory: through the control ring (CPU arrays, and dtypes NCCL lacks).
-  void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
-                  uint64_t shape_hash) override;
-  void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) override;
-  void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
-                      uint64_t shape_hash) override;
-  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
-            int tag) override;
-  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
-  void barrier() override;
-  std::shared_ptr<Group> split(int color, int key) override;
+  MLXDIST_GROUP_OPS  // core/group.h
   void abort(const std::string& why) override;
   void close() override;
   std::string unreported_failure() const override;

@@ -45,16 +45,7 @@ class RingGroup : public Group {
   uint64_t id() const override { return id_; }
   const char* backend() const override { return "ring"; }
 
-  void all_reduce(const void* in, void* out, size_t count, DType t, ReduceOp op,
-                  uint64_t shape_hash) override;
-  void all_gather(const void* in, void* out, size_t count, DType t, uint64_t shape_hash) override;
-  void reduce_scatter(const void* in, void* out, size_t count, DType t, ReduceOp op,
-                      uint64_t shape_hash) override;
-  void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
-            int tag) override;
-  void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;
-  void barrier() override;
-  std::shared_ptr<Group> split(int color, int key) override;
+  MLXDIST_GROUP_OPS  // core/group.h
   // A split's first step, checked like every op: every member's (color, key), member-major.
   std::vector<int32_t> gather_split(int color, int key);
   void abort(const std::string& why) override;
