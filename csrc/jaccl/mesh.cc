@@ -14,38 +14,38 @@ uint64_t post_id(int peer, bool is_recv, int slot) {
 }
 int id_slot(uint64_t id) { return int(id & 0xffff); }
 
-size_t frames_of(const std::vector<Piece>& pieces, size_t frame) {
+size_t frames_of(const std::vector<Segment>& segments, size_t frame) {
   size_t k = 0;
-  for (const Piece& p : pieces) k += (p.len + frame - 1) / frame;
+  for (const Segment& s : segments) k += (s.len + frame - 1) / frame;
   return k;
 }
 
-// Walks pieces frame by frame; done[i] (when given) runs as piece i is finished, empty
-// pieces included.
-struct Cursor {
-  const std::vector<Piece>* pieces;
-  const std::vector<std::function<void()>>* done = nullptr;
-  size_t piece = 0, off = 0;
+// Walks segments frame by frame; a receive segment's on_done runs as it is finished, empty
+// segments included.
+struct Frames {
+  const std::vector<Segment>* segments;
+  bool receiving = false;
+  size_t seg = 0, off = 0;
   void settle() {
-    while (piece < pieces->size() && off == (*pieces)[piece].len) {
-      if (done && piece < done->size() && (*done)[piece]) (*done)[piece]();
-      ++piece, off = 0;
+    while (seg < segments->size() && off == (*segments)[seg].len) {
+      if (receiving && (*segments)[seg].on_done) (*segments)[seg].on_done();
+      ++seg, off = 0;
     }
   }
   // The next frame (at most `frame` bytes); false when none is left.
   bool next(size_t frame, char** data, size_t* len) {
     settle();
-    if (piece == pieces->size()) return false;
-    const Piece& p = (*pieces)[piece];
-    *data = p.data + off;
-    *len = std::min(frame, p.len - off);
+    if (seg == segments->size()) return false;
+    const Segment& s = (*segments)[seg];
+    *data = static_cast<char*>(s.data) + off;
+    *len = std::min(frame, s.len - off);
     off += *len;
     return true;
   }
 };
 
 struct FlowState {
-  Cursor out, in;
+  Frames out, in;
   size_t to_send = 0, sent = 0;     // messages, the header included
   size_t to_land = 0, landed = 0;   // payload frames
   bool header_seen = false;
@@ -82,15 +82,15 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
   std::vector<FlowState> st(flows.size());
   for (size_t i = 0; i < flows.size(); ++i) {
-    st[i].out.pieces = &flows[i].send;
-    st[i].in.pieces = &flows[i].recv;
-    st[i].in.done = &flows[i].recv_done;
+    st[i].out.segments = &flows[i].send;
+    st[i].in.segments = &flows[i].recv;
+    st[i].in.receiving = true;
     const size_t head = flows[i].with_header ? 1 : 0;
     st[i].first_frame = head;
     st[i].to_send = flows[i].sends ? head + frames_of(flows[i].send, frame_) : 0;
     st[i].to_land = flows[i].receives ? frames_of(flows[i].recv, frame_) : 0;
     st[i].header_seen = !flows[i].receives || !flows[i].with_header;
-    if (flows[i].receives) st[i].in.settle();  // leading empty pieces
+    if (flows[i].receives) st[i].in.settle();  // leading empty segments
   }
   auto landed_all = [&](size_t i) { return st[i].header_seen && st[i].landed == st[i].to_land; };
   // ordered: frame k of flow i waits for frame k of every earlier flow.
@@ -153,7 +153,7 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
           if (f.land) f.land(dst, src, len);
           else std::memcpy(dst, src, len);
           ++st[i].landed;
-          st[i].in.settle();  // finished pieces run their callbacks now
+          st[i].in.settle();  // finished segments run their callbacks now
         }
         P.arrived.pop_front();
         qp_.post_recv(f.peer, slots_[f.peer], s * slot, slot, post_id(f.peer, true, s));
@@ -220,8 +220,8 @@ void reduce_blocks(Mesh& m, const Header& h, const char* in, char* out, const st
   const char* own = in + off[me] * es;
   bool first = true;
   for (Flow& f : flows) {
-    f.send = {Piece{const_cast<char*>(in) + off[f.peer] * es, (off[f.peer + 1] - off[f.peer]) * es}};
-    f.recv = {Piece{mine, (off[me + 1] - off[me]) * es}};
+    f.send = {Segment{const_cast<char*>(in) + off[f.peer] * es, (off[f.peer + 1] - off[f.peer]) * es}};
+    f.recv = {Segment{mine, (off[me + 1] - off[me]) * es}};
     if (first)
       f.land = [=](char* dst, const char* src, size_t len) {
         reduce_to(dst, own + (dst - mine), src, len / es, t, op);
@@ -245,8 +245,8 @@ void all_reduce(Mesh& m, const Header& h, const char* in, char* out, size_t coun
     std::memcpy(all.data() + me * bytes, in, bytes);
     auto flows = to_everyone(m, h);
     for (Flow& f : flows) {
-      f.send = {Piece{const_cast<char*>(in), bytes}};
-      f.recv = {Piece{all.data() + f.peer * bytes, bytes}};
+      f.send = {Segment{const_cast<char*>(in), bytes}};
+      f.recv = {Segment{all.data() + f.peer * bytes, bytes}};
     }
     m.run(flows, false);
     reduce_to(out, all.data(), all.data() + bytes, count, t, op);
@@ -257,8 +257,8 @@ void all_reduce(Mesh& m, const Header& h, const char* in, char* out, size_t coun
   reduce_blocks(m, h, in, out, off, es, t, op, 0);
   auto flows = to_everyone(m, h);
   for (Flow& f : flows) {
-    f.send = {Piece{out + off[me] * es, (off[me + 1] - off[me]) * es}};
-    f.recv = {Piece{out + off[f.peer] * es, (off[f.peer + 1] - off[f.peer]) * es}};
+    f.send = {Segment{out + off[me] * es, (off[me + 1] - off[me]) * es}};
+    f.recv = {Segment{out + off[f.peer] * es, (off[f.peer + 1] - off[f.peer]) * es}};
   }
   m.run(flows, false);
 }
@@ -267,8 +267,8 @@ void all_gather(Mesh& m, const Header& h, const char* in, char* out, size_t byte
   if (bytes) std::memmove(out + m.rank() * bytes, in, bytes);
   auto flows = to_everyone(m, h);
   for (Flow& f : flows) {
-    f.send = {Piece{out + m.rank() * bytes, bytes}};
-    f.recv = {Piece{out + f.peer * bytes, bytes}};
+    f.send = {Segment{out + m.rank() * bytes, bytes}};
+    f.recv = {Segment{out + f.peer * bytes, bytes}};
   }
   m.run(flows, false);
 }
@@ -282,14 +282,14 @@ void reduce_scatter(Mesh& m, const Header& h, const char* in, char* out, size_t 
 
 void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst) {
   std::vector<Flow> flows{flow_with(dst, h)};
-  flows[0].send = {Piece{const_cast<char*>(in), bytes}};
+  flows[0].send = {Segment{const_cast<char*>(in), bytes}};
   flows[0].receives = false;
   m.run(flows, false);
 }
 
 void recv(Mesh& m, const Header& h, char* out, size_t bytes, int src) {
   std::vector<Flow> flows{flow_with(src, h)};
-  flows[0].recv = {Piece{out, bytes}};
+  flows[0].recv = {Segment{out, bytes}};
   flows[0].sends = false;
   m.run(flows, false);
 }

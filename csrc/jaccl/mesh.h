@@ -10,26 +10,21 @@
 #include <vector>
 
 #include "core/header.h"
+#include "core/transfer.h"
 #include "transport/verbs.h"
 
 namespace mlxdist::jaccl {
-
-struct Piece {
-  char* data;
-  size_t len;
-};
 
 // What one op moves between this rank and one peer, in order.
 struct Flow {
   int peer = 0;
   Header header;              // sent first; the peer's must match it
-  std::vector<Piece> send;
-  std::vector<Piece> recv;
+  std::vector<Segment> send;  // the byte streams' vocabulary (core/transfer.h): a receive
+  std::vector<Segment> recv;  // segment's on_done runs once it landed
   bool sends = true, receives = true;  // whether each direction runs (send/recv use one)
   // How arriving payload goes into recv (dst) from the slot (src): a copy when empty.
   std::function<void(char* dst, const char* src, size_t len)> land;
   bool with_header = true;  // false: the caller frames its own stream (the ring variant)
-  std::vector<std::function<void()>> recv_done;  // optional, per recv piece: run once it landed
 };
 
 class Mesh {

@@ -22,15 +22,7 @@ void RingLinks::run(std::vector<Transfer>& transfers, Deadline) {  // the mesh b
       flows.back().sends = flows.back().receives = false;
     }
     Flow& f = flows[it->second];
-    for (auto& seg : t->segments) {
-      Piece p{static_cast<char*>(seg.data), seg.len};
-      if (t->is_send) {
-        f.send.push_back(p);
-      } else {
-        f.recv.push_back(p);
-        f.recv_done.push_back(seg.on_done);
-      }
-    }
+    for (auto& seg : t->segments) (t->is_send ? f.send : f.recv).push_back(seg);
     (t->is_send ? f.sends : f.receives) = true;
   }
   mesh_.run(flows, false);
