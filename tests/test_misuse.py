@@ -187,7 +187,9 @@ def test_send_without_recv(transport):
         body_unmatched_send, 2, env=env, timeout=60)
     assert small == [0.0, 1.0, 2.0]
     assert err is not None and "timed out" in err and "sending to rank 1" in err, err
-    assert TIMEOUT - 0.5 < took < TIMEOUT + MARGIN, took
+    # The timeout bounds a stall: bytes the receiver's kernel still takes late (Linux collapses
+    # a full receive queue on loopback, opening the window a little) restart it once at most.
+    assert TIMEOUT - 0.5 < took < 2 * TIMEOUT + MARGIN, took
     # The failed group stays failed: later calls raise with the original error.
     assert "earlier error" in later0 and "timed out" in later0, later0
     assert later1 is not None and "rank 0" in later1, later1
