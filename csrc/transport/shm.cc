@@ -150,12 +150,9 @@ Farewell* ShmLinks::farewell(int owner) const {
   return reinterpret_cast<Farewell*>(segments_[owner]->base() + sizeof(Doorbell));
 }
 
-void ShmLinks::check_farewells(const std::vector<int>& peers) const {
-  for (int p : peers)
-    if (p != me_) {
-      std::string why = farewell(p)->heard();
-      if (!why.empty()) fail(describe_peer(p), " left the group after an error: ", why);
-    }
+void ShmLinks::check_farewell(int peer) const {
+  if (!farewell(peer)->said.load(std::memory_order_acquire)) return;  // the common case
+  fail(describe_peer(peer), " left the group after an error: ", farewell(peer)->heard());
 }
 
 void ShmLinks::close() {
@@ -173,11 +170,9 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   // One FIFO per ring (peer, link, direction), as on TCP, so both sides agree on byte order.
   std::map<std::tuple<bool, int, int>, std::vector<Cursor>> queues;
   std::map<std::tuple<bool, int, int>, size_t> heads;
-  std::vector<int> peers;
   for (auto& t : transfers) {
     if (t.peer < 0 || t.peer >= n_ || t.peer == me_) fail("internal: bad peer ", t.peer);
     queues[{!t.is_send, t.peer, t.link % links_}].push_back(Cursor{&t});
-    if (std::find(peers.begin(), peers.end(), t.peer) == peers.end()) peers.push_back(t.peer);
   }
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
   Doorbell* mine = mailbox(me_);
@@ -238,7 +233,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     }
     if (!pending) {
       // What the peers left is used only if none of them abandoned this call.
-      check_farewells(peers);
+      for (auto& [key, q] : queues) check_farewell(std::get<1>(key));
       return;
     }
     auto now = Clock::now();
@@ -253,7 +248,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
       continue;
     }
     // Nothing moved for a while: sleep on our doorbell, waking to check peers are alive.
-    check_farewells(waiting_on);
+    for (int p : waiting_on) check_farewell(p);
     std::string lost = tcp_->lost_peers(waiting_on);  // only peers we wait for: others may be done
     if (!lost.empty()) {
       // A peer may write its last bytes and exit between our look at its ring and this check:

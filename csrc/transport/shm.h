@@ -98,8 +98,8 @@ class ShmLinks : public Links {
   RingHeader* ring(int owner, int from, int link) const;
   Doorbell* mailbox(int owner) const;
   Farewell* farewell(int owner) const;
-  // Throws naming the first of peers that left a farewell.
-  void check_farewells(const std::vector<int>& peers) const;
+  // Throws if peer left a farewell.
+  void check_farewell(int peer) const;
 
   std::unique_ptr<tcp::TcpLinks> tcp_;
   int me_;
