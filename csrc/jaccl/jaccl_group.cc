@@ -22,12 +22,8 @@ std::unique_ptr<verbs::QueuePairs> connect(ring::RingGroup& control, const Optio
   auto names = [&control](int p) { return control.describe_peer(p); };
   auto lost = [&control](const std::vector<int>& peers) { return control.lost_peers(peers); };
   std::string transport = o.transport;
-  if (transport == "auto") {  // shared memory when every member shares this host
-    auto hosts = exchange(shm::host_identity());
-    transport = "shm";
-    for (const auto& h : hosts)
-      if (h != hosts[me]) transport = "ibverbs";
-  }
+  if (transport == "auto")  // shared memory when every member shares this host
+    transport = shm::all_on_this_host(exchange) ? "shm" : "ibverbs";
   if (transport == "shm")
     return std::make_unique<shm::ShmQueuePairs>(me, n, arena_bytes(n, o), exchange, names, lost,
                                                 control.options().timeout_s);

@@ -235,64 +235,17 @@ std::string RingGroup::lost_peers(const std::vector<int>& which) const {
 
 void RingGroup::try_shared_memory() {
   const int n = size(), k = links_->links_per_peer();
-  std::unique_ptr<shm::Mapping> own;
-  std::string why;
-  try {
-    own = shm::Mapping::create(n, k, opts_.shm_ring_bytes);
-  } catch (const DistError& e) {
-    why = e.what();
-  }
-  // Round 1: where every member runs and the name of its segment.
-  struct Record {
-    char host[192];
-    char name[56];
-    uint32_t ok;
-    uint32_t pad;
-  };
-  std::vector<Record> all(n);
-  std::memset(all.data(), 0, n * sizeof(Record));
-  const std::string host = shm::host_identity();
-  std::strncpy(all[rank_].host, host.c_str(), sizeof(Record::host) - 1);
-  if (own) std::strncpy(all[rank_].name, own->name().c_str(), sizeof(Record::name) - 1);
-  all[rank_].ok = own != nullptr;
-  {
-    Context ctx(*this, calls_.unnumbered(OpCode::kSetup, DType::kUInt8, sizeof(Record), 1));
-    ring::all_gather(ctx, reinterpret_cast<char*>(all.data()), sizeof(Record), Layout::blocks_of(1, n));
-  }
-  std::vector<std::unique_ptr<shm::Mapping>> segments(n);
-  bool ok = own != nullptr;
-  for (int p = 0; p < n && ok; ++p) {
-    if (p == rank_) continue;
-    if (!all[p].ok || host != all[p].host) {
-      why = all[p].ok ? "rank " + std::to_string(p) + " runs on another host"
-                      : "rank " + std::to_string(p) + " has no shared memory";
-      ok = false;
-      break;
-    }
-    try {
-      segments[p] = shm::Mapping::open(all[p].name, n, k, opts_.shm_ring_bytes);
-    } catch (const DistError& e) {
-      why = e.what();
-      ok = false;
-    }
-  }
-  // Round 2: shared memory only if every member mapped every segment.
-  std::vector<uint32_t> oks(n, 0);
-  oks[rank_] = ok;
-  {
-    Context ctx(*this, calls_.unnumbered(OpCode::kSetup, DType::kUInt32, 4, 2));
-    ring::all_gather(ctx, reinterpret_cast<char*>(oks.data()), 4, Layout::blocks_of(1, n));
-  }
-  if (own) own->unlink();  // every member has mapped it or given up: nothing stays in /dev/shm
-  for (int p = 0; p < n; ++p)
-    if (!oks[p] && why.empty()) why = "rank " + std::to_string(p) + " could not map shared memory";
-  if (!why.empty()) {
-    if (opts_.transport == "shm") fail("MLXDIST_TRANSPORT=shm but shared memory is not usable: ", why);
+  auto shared = shm::share_segments(
+      rank_, n, shm::Mapping::bytes_for(n, k, opts_.shm_ring_bytes),
+      [this](const std::string& mine) { return exchange(mine); },
+      [this](int p) { return describe_peer(p); });
+  if (!shared.why.empty()) {
+    if (opts_.transport == "shm")
+      fail("MLXDIST_TRANSPORT=shm but shared memory is not usable: ", shared.why);
     return;  // stay on TCP
   }
-  segments[rank_] = std::move(own);
   std::unique_ptr<tcp::TcpLinks> tcp(static_cast<tcp::TcpLinks*>(links_.release()));
-  links_ = std::make_unique<shm::ShmLinks>(std::move(tcp), rank_, std::move(segments), k,
+  links_ = std::make_unique<shm::ShmLinks>(std::move(tcp), rank_, std::move(shared.segments), k,
                                            opts_.shm_ring_bytes, opts_.timeout_s);
   if (opts_.verbose) std::cerr << "[jax_mlxdist] " << label() << ": data over shared memory\n";
 }

@@ -200,7 +200,7 @@ struct Address {  // what a rank tells a peer about the queue pair facing it
 
 class IbvQueuePairs : public verbs::QueuePairs {
  public:
-  IbvQueuePairs(Lib& lib, int rank, int size, verbs::PeerNames names, verbs::LostPeers lost,
+  IbvQueuePairs(Lib& lib, int rank, int size, PeerNames names, LostPeers lost,
                 double timeout_s, int gid_index)
       : lib_(lib), rank_(rank), names_(std::move(names)), lost_(std::move(lost)),
         timeout_s_(timeout_s), gid_index_(gid_index), peers_(size) {}
@@ -545,8 +545,8 @@ class IbvQueuePairs : public verbs::QueuePairs {
 
   Lib& lib_;
   int rank_;
-  verbs::PeerNames names_;
-  verbs::LostPeers lost_;
+  PeerNames names_;
+  LostPeers lost_;
   double timeout_s_;
   int gid_index_;  // >= 0: MLXDIST_IBV_GID_INDEX
   std::vector<Peer> peers_;
@@ -560,7 +560,7 @@ class IbvQueuePairs : public verbs::QueuePairs {
 
 // Each round's blob is "ok\n..." or "error\n<message>". Throws, on every rank, when any failed.
 void check_round(const std::vector<std::string>& blobs, int rank, int size,
-                 const std::string& mine, const verbs::PeerNames& names) {
+                 const std::string& mine, const PeerNames& names) {
   if (!mine.empty()) fail("rank ", rank, ": ", mine);
   if (int(blobs.size()) != size)
     fail("RDMA set-up got ", blobs.size(), " blobs for ", size, " ranks");
@@ -583,8 +583,8 @@ std::pair<bool, std::string> available(const std::string& lib_path) {
 
 std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
                                            const std::vector<std::string>& devices,
-                                           const verbs::AllGather& exchange,
-                                           verbs::PeerNames names, verbs::LostPeers lost,
+                                           const AllGather& exchange,
+                                           PeerNames names, LostPeers lost,
                                            double timeout_s, int gid_index,
                                            const std::string& lib_path) {
   std::unique_ptr<IbvQueuePairs> qps;

@@ -24,8 +24,8 @@ std::pair<bool, std::string> available(const std::string& lib_path = "libibverbs
 // (MLXDIST_IBV_GID_INDEX).
 std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
                                            const std::vector<std::string>& devices,
-                                           const verbs::AllGather& exchange,
-                                           verbs::PeerNames names, verbs::LostPeers lost,
+                                           const AllGather& exchange,
+                                           PeerNames names, LostPeers lost,
                                            double timeout_s, int gid_index,
                                            const std::string& lib_path = "libibverbs.so.1");
 

@@ -75,20 +75,60 @@ std::string host_identity() {
   return boot + "/" + host;
 }
 
+bool all_on_this_host(const AllGather& exchange) {
+  const std::string mine = host_identity();
+  for (const auto& h : exchange(mine))
+    if (h != mine) return false;
+  return true;
+}
+
+SharedSegments share_segments(int me, int n, size_t bytes, const AllGather& exchange,
+                              const PeerNames& names) {
+  SharedSegments out;
+  out.segments.resize(n);
+  std::string mine;
+  try {
+    out.segments[me] = Mapping::create(bytes);
+    mine = "ok\n" + host_identity() + "\n" + out.segments[me]->name();
+  } catch (const DistError& e) {
+    out.why = e.what();
+    mine = "no\n" + out.why;
+  }
+  // Round 1: every member's host and segment; each pair decides from both records.
+  auto all = exchange(mine);
+  const std::string host = host_identity();
+  for (int p = 0; p < n && out.why.empty(); ++p) {
+    if (p == me) continue;
+    const std::string& rec = all[p];
+    if (rec.rfind("ok\n", 0) != 0) {
+      out.why = names(p) + " has no shared memory: " + rec.substr(3);
+      break;
+    }
+    size_t nl = rec.find('\n', 3);
+    if (rec.substr(3, nl - 3) != host) {
+      out.why = names(p) + " runs on another host";
+      break;
+    }
+    try {
+      out.segments[p] = Mapping::open(rec.substr(nl + 1), bytes);
+    } catch (const DistError& e) {
+      out.why = e.what();
+    }
+  }
+  // Round 2: shared memory only if every pair could.
+  auto oks = exchange(out.why.empty() ? "ok" : out.why);
+  if (out.segments[me]) out.segments[me]->unlink();  // nothing stays behind in /dev/shm
+  for (int p = 0; p < n && out.why.empty(); ++p)
+    if (oks[p] != "ok") out.why = names(p) + ": " + oks[p];
+  if (!out.why.empty()) out.segments.clear();
+  return out;
+}
+
 size_t Mapping::bytes_for(int peers, int links, size_t ring_bytes) {
   return kRingsAt + size_t(peers) * links * (sizeof(ShmLinks::RingHeader) + ring_bytes);
 }
 
-std::unique_ptr<Mapping> Mapping::create(int peers, int links, size_t ring_bytes) {
-  return create_bytes(bytes_for(peers, links, ring_bytes));
-}
-
-std::unique_ptr<Mapping> Mapping::open(const std::string& name, int peers, int links,
-                                       size_t ring_bytes) {
-  return open_bytes(name, bytes_for(peers, links, ring_bytes));
-}
-
-std::unique_ptr<Mapping> Mapping::create_bytes(size_t bytes) {
+std::unique_ptr<Mapping> Mapping::create(size_t bytes) {
   auto nonce = auth::random_nonce();
   char name[64];
   snprintf(name, sizeof(name), "/mlxdist-%d-%02x%02x%02x%02x%02x%02x", int(getpid()), nonce[0],
@@ -106,7 +146,7 @@ std::unique_ptr<Mapping> Mapping::create_bytes(size_t bytes) {
   return std::unique_ptr<Mapping>(new Mapping(name, static_cast<char*>(p), bytes, true));
 }
 
-std::unique_ptr<Mapping> Mapping::open_bytes(const std::string& name, size_t bytes) {
+std::unique_ptr<Mapping> Mapping::open(const std::string& name, size_t bytes) {
   int fd = shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0) fail("shm_open(", name, "): ", std::strerror(errno));
   struct stat st {};

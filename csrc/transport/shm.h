@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/transfer.h"
+#include "transport/setup.h"
 #include "transport/tcp.h"
 
 namespace mlxdist::shm {
@@ -54,18 +55,15 @@ inline void cpu_relax() {
 // by its peers. (Not a Segment of a byte stream, core/transfer.h.)
 class Mapping {
  public:
-  // Creates a zeroed segment for `peers` x `links` incoming rings of ring_bytes each.
-  static std::unique_ptr<Mapping> create(int peers, int links, size_t ring_bytes);
-  static std::unique_ptr<Mapping> open(const std::string& name, int peers, int links,
-                                       size_t ring_bytes);
   ~Mapping();
   const std::string& name() const { return name_; }
   void unlink();  // after every peer has mapped it: nothing is left behind in /dev/shm
   char* base() const { return base_; }
+  // Bytes for `peers` x `links` incoming rings of ring_bytes each (ShmLinks' layout).
   static size_t bytes_for(int peers, int links, size_t ring_bytes);
-  // A zeroed segment of any size, and opening one (its size must match).
-  static std::unique_ptr<Mapping> create_bytes(size_t bytes);
-  static std::unique_ptr<Mapping> open_bytes(const std::string& name, size_t bytes);
+  // A zeroed segment, and opening one (its size must match).
+  static std::unique_ptr<Mapping> create(size_t bytes);
+  static std::unique_ptr<Mapping> open(const std::string& name, size_t bytes);
 
  private:
   Mapping(std::string name, char* base, size_t bytes, bool owner)
@@ -76,6 +74,21 @@ class Mapping {
   bool owner_;
   bool linked_ = true;
 };
+
+// How each pair of members reaches the other (as NCCL's canConnect): through shared memory
+// when both run on one kernel and each mapped the other's segment, else over the network.
+// A group takes shared memory only when every pair can (one progress loop per group), so
+// every rank learns the same answer: segments of `bytes` (created here, opened for peers) or,
+// in `why`, the first pair that cannot. The own segment is unlinked once all have tried.
+struct SharedSegments {
+  std::vector<std::unique_ptr<Mapping>> segments;  // [p]: rank p's segment, mapped here
+  std::string why;                                 // "" when shared memory joins every pair
+};
+SharedSegments share_segments(int me, int n, size_t bytes, const AllGather& exchange,
+                              const PeerNames& names);
+
+// Whether every member runs on this host (one exchange of host identities).
+bool all_on_this_host(const AllGather& exchange);
 
 class ShmLinks : public Links {
  public:

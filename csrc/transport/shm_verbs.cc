@@ -45,43 +45,14 @@ size_t arena_offset(int n) {
 
 }  // namespace
 
-ShmQueuePairs::ShmQueuePairs(int me, int n, size_t arena_bytes, const verbs::AllGather& exchange,
-                             verbs::PeerNames names, verbs::LostPeers lost, double timeout_s)
+ShmQueuePairs::ShmQueuePairs(int me, int n, size_t arena_bytes, const AllGather& exchange,
+                             PeerNames names, LostPeers lost, double timeout_s)
     : names_(std::move(names)), lost_(std::move(lost)), me_(me), n_(n), arena_bytes_(round_up(arena_bytes, kPage)),
-      timeout_s_(timeout_s), segments_(n), sends_(n), recv_ids_(n) {
-  const size_t bytes = arena_offset(n) + arena_bytes_;
-  std::string mine, why;
-  try {
-    segments_[me] = Mapping::create_bytes(bytes);
-    mine = host_identity() + "\n" + segments_[me]->name();
-  } catch (const DistError& e) {
-    why = e.what();
-  }
-  // Round 1: every rank's host and segment; round 2: whether everyone mapped everything.
-  auto all = exchange(why.empty() ? "ok\n" + mine : "no\n" + why);
-  for (int p = 0; p < n && why.empty(); ++p) {
-    if (p == me) continue;
-    const std::string& rec = all[p];
-    if (rec.rfind("ok\n", 0) != 0) {
-      why = describe_peer(p) + " has no shared memory: " + rec.substr(3);
-      break;
-    }
-    size_t nl = rec.find('\n', 3);
-    if (rec.substr(3, nl - 3) != host_identity()) {
-      why = describe_peer(p) + " runs on another host";
-      break;
-    }
-    try {
-      segments_[p] = Mapping::open_bytes(rec.substr(nl + 1), bytes);
-    } catch (const DistError& e) {
-      why = e.what();
-    }
-  }
-  auto oks = exchange(why.empty() ? "ok" : why);
-  if (segments_[me]) segments_[me]->unlink();  // all mapped it or gave up: nothing stays behind
-  for (int p = 0; p < n && why.empty(); ++p)
-    if (oks[p] != "ok") why = describe_peer(p) + ": " + oks[p];
-  if (!why.empty()) fail("shared memory is not usable: ", why);
+      timeout_s_(timeout_s), sends_(n), recv_ids_(n) {
+  auto shared = share_segments(me, n, arena_offset(n) + arena_bytes_, exchange,
+                               [this](int p) { return describe_peer(p); });
+  if (!shared.why.empty()) fail("shared memory is not usable: ", shared.why);
+  segments_ = std::move(shared.segments);
 }
 
 ShmQueuePairs::~ShmQueuePairs() { close(); }

@@ -18,8 +18,8 @@ class ShmQueuePairs : public verbs::QueuePairs {
  public:
   // Creates this rank's segment (arena_bytes of registrable memory), publishes its name with
   // exchange and maps every peer's. Throws (on every rank) when one cannot.
-  ShmQueuePairs(int me, int n, size_t arena_bytes, const verbs::AllGather& exchange,
-                verbs::PeerNames names, verbs::LostPeers lost, double timeout_s);
+  ShmQueuePairs(int me, int n, size_t arena_bytes, const AllGather& exchange,
+                PeerNames names, LostPeers lost, double timeout_s);
   ~ShmQueuePairs() override;
 
   verbs::Buffer allocate(size_t bytes) override;
@@ -45,8 +45,8 @@ class ShmQueuePairs : public verbs::QueuePairs {
   void ring_bell(int owner) const;
   void check_farewell(int peer) const;  // throws if peer left one
 
-  verbs::PeerNames names_;
-  verbs::LostPeers lost_;
+  PeerNames names_;
+  LostPeers lost_;
   int me_, n_;
   size_t arena_bytes_, arena_used_ = 0;
   double timeout_s_;

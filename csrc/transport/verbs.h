@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/transfer.h"
+#include "transport/setup.h"
 
 namespace mlxdist::verbs {
 
@@ -53,12 +54,5 @@ class QueuePairs {
   // completes a call this rank abandoned (its messages already placed notwithstanding).
   virtual void abort(const std::string& why) { (void)why; }
 };
-
-// Exchanges one blob per rank over the group's set-up channel (all ranks, same order).
-using AllGather = std::function<std::vector<std::string>(const std::string& mine)>;
-// "rank 3 (10.0.0.2:5000)" for messages.
-using PeerNames = std::function<std::string(int peer)>;
-// Names of those of the given peers whose control connection closed ("" when none).
-using LostPeers = std::function<std::string(const std::vector<int>& peers)>;
 
 }  // namespace mlxdist::verbs

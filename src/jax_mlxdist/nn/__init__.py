@@ -3,7 +3,8 @@ in plain JAX on top of the collectives. Modules are pytree dataclasses: pass the
 and jax.jit directly."""
 
 from jax_mlxdist.nn._fsdp import FullyShardedModule, fully_shard
-from jax_mlxdist.nn._gradients import average_gradients, clip_grad_norm_sharded, sum_gradients
+from jax_mlxdist._ops import sum_gradients  # binds its primitive where every other op is bound
+from jax_mlxdist.nn._gradients import average_gradients, clip_grad_norm_sharded
 from jax_mlxdist.nn._linear import (
     AllToShardedLinear,
     ShardedToAllLinear,

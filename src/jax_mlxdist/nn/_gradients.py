@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_mlxdist as dist
-from jax_mlxdist._ops import sum_gradients  # noqa: F401  (exported by nn; _ops binds every primitive)
 from jax_mlxdist.nn._sharding import group_for
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_mlxdist as dist
-from jax_mlxdist.nn._gradients import sum_gradients
+from jax_mlxdist._ops import sum_gradients
 from jax_mlxdist.nn._sharding import group_for, shard_array
 
 
