@@ -172,13 +172,16 @@ NB_MODULE(_C, m) {
       engine->run_sync("waiting for earlier collectives", [](Group&) {});
   });
 
-  // Returns a failure found after its op had returned (NCCL's watchdog) that nothing raised.
+  // Returns a failure found after its op had returned (a send its receiver never took, NCCL's
+  // watchdog) that nothing raised.
   m.def("close_group", [](int64_t handle) {
     nb::gil_scoped_release release;
     auto engine = find_engine(handle);
     remove_group(handle);  // the group is closed on its engine's thread, pending work done
     gpu::release_staging(handle);
-    return engine ? engine->group().unreported_failure() : std::string();
+    if (!engine) return std::string();
+    if (!engine->unreported_failure().empty()) return engine->unreported_failure();
+    return engine->group().unreported_failure();
   });
 
   // Test hook for the wire-header decoder: compares two raw 40-byte headers as a receiver
@@ -238,6 +241,7 @@ NB_MODULE(_C, m) {
                   g.send(in, bytes / es, t, (r + 1) % n, 1, 0);
                   g.recv(out, bytes / es, t, (r + n - 1) % n, 1, 0);
                 } else fail("unknown op ", op);
+                g.flush_sends();  // as the engine does before a group closes
               } catch (const std::exception& e) {
                 errors[r] = e.what();
                 g.abort(e.what());  // as the engine does: the other ranks stop waiting on it

@@ -68,7 +68,7 @@ def test_reduce_scatter(n, count, dtype):
 
 @pytest.mark.parametrize("n", [2, 3, 5])
 def test_ring_pass(n):
-    xs = inputs(n, 20, "float32")  # 80 bytes: each send fits its pipe before its recv is posted
+    xs = inputs(n, 2000, "float32")  # 8000 bytes through 256-byte pipes: sends outlive their op
     for r, out in enumerate(run("ring_pass", xs, "float32", chunk_bytes=64, pipe_bytes=256)):
         np.testing.assert_array_equal(out, xs[(r - 1) % n])
 

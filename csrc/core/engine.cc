@@ -68,6 +68,18 @@ void Engine::spin_for_work() {
     std::this_thread::yield();
 }
 
+void Engine::in_background(const std::function<void()>& work) {
+  try {
+    work();
+  } catch (const std::exception& e) {
+    failure_ = unreported_ = "send on " + group_->label() + ": " + e.what();
+    group_->abort(failure_);
+  }
+}
+
+// How long an idle engine with sends pending waits for them before it looks at its queue again.
+constexpr auto kSendNap = std::chrono::milliseconds(1);
+
 void Engine::loop() {
   pthread_setname_np(pthread_self(), "mlxdist-engine");  // lets leak checks count our threads
   for (;;) {
@@ -75,6 +87,11 @@ void Engine::loop() {
     spin_for_work();
     {
       std::unique_lock<std::mutex> lock(mu_);
+      if (queue_.empty() && !stopping_ && failure_.empty() && group_->sending()) {
+        lock.unlock();
+        in_background([this] { group_->progress_sends(kSendNap); });
+        continue;
+      }
       cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
       if (queue_.empty()) break;  // stopping and drained
       task = std::move(queue_.front());
@@ -85,6 +102,7 @@ void Engine::loop() {
     if (!failure_.empty()) {
       error = task.what + " on " + group_->label() +
               ": the group is unusable after an earlier error: " + failure_;
+      unreported_.clear();
     } else {
       try {
         task.work(*group_);
@@ -96,6 +114,7 @@ void Engine::loop() {
     }
     task.done(error);
   }
+  if (failure_.empty() && group_->sending()) in_background([this] { group_->flush_sends(); });
   group_->close();  // a failed group was reset already
 }
 

@@ -33,8 +33,10 @@ class Engine {
   void post(std::string what, std::function<void(Group&)> work, Done done);
   // post() and wait; rethrows the error as DistError.
   void run_sync(std::string what, std::function<void(Group&)> work);
-  // Waits for queued work, then stops the thread; later posts fail.
+  // Waits for queued work and pending sends, then stops the thread; later posts fail.
   void shutdown();
+  // After shutdown: a failure of a send that had already returned, which no op reported.
+  const std::string& unreported_failure() const { return unreported_; }
 
  private:
   struct Task {
@@ -45,6 +47,8 @@ class Engine {
   void loop();
   // Polls the queue for up to kSpin before sleeping (see engine.cc).
   void spin_for_work();
+  // Runs group work outside any op (pending sends); a failure poisons the group like an op's.
+  void in_background(const std::function<void()>& work);
 
   std::shared_ptr<Group> group_;
   std::mutex mu_;
@@ -53,6 +57,7 @@ class Engine {
   std::atomic<size_t> queued_{0};  // queue_.size(), readable without the lock
   bool stopping_ = false;
   std::string failure_;  // engine thread only
+  std::string unreported_;  // failure_ when it came from in_background and no op raised it
   std::thread thread_;
 };
 

@@ -2,6 +2,7 @@
 // the engine calls it from one thread per group, so implementations need no locking.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -65,6 +66,12 @@ class Group {
   virtual void abort(const std::string& why) = 0;
   // Release the connections after the last op, letting bytes already sent arrive.
   virtual void close() { abort(""); }
+  // Sends whose op returned before their receiver took them all (a send never waits for its
+  // recv). The engine moves them while it is idle and delivers them before the group closes;
+  // both throw as an op would (a lost peer, nothing moved for MLXDIST_TIMEOUT).
+  virtual bool sending() const { return false; }
+  virtual void progress_sends(std::chrono::microseconds wait) { (void)wait; }
+  virtual void flush_sends() {}
   // A failure found after its op returned (asynchronous backends) that no call has raised yet.
   virtual std::string unreported_failure() const { return ""; }
   // Its ops on device streams, if it has them (else nullptr: the staged path).

@@ -31,22 +31,38 @@ struct Transfer {
   int link;
   bool is_send;
   std::vector<Segment> segments;
-};
+  // Sends only: the op may return before this is done (a send never waits for its receiver).
+  // run() moves it when it can but does not wait for it; it keeps its place in later runs.
+  bool background = false;
+  size_t seg = 0, off = 0;  // progress so far, kept across runs
 
-// A transport's progress through one transfer's segments.
-struct Cursor {
-  Transfer* t;
-  size_t seg = 0;
-  size_t off = 0;
-  bool done() const { return seg == t->segments.size(); }
+  bool done() const { return seg == segments.size(); }
   // Steps past finished (and empty) segments, running receive callbacks as they complete.
   void settle() {
-    while (!done() && off == t->segments[seg].len) {
-      if (!t->is_send && t->segments[seg].on_done) t->segments[seg].on_done();
+    while (!done() && off == segments[seg].len) {
+      if (!is_send && segments[seg].on_done) segments[seg].on_done();
       ++seg;
       off = 0;
     }
   }
+};
+
+inline bool has_foreground(const std::vector<Transfer>& ts) {
+  for (const auto& t : ts)
+    if (!t.background) return true;
+  return false;
+}
+inline bool foreground_left(const std::vector<Transfer>& ts) {
+  for (const auto& t : ts)
+    if (!t.background && !t.done()) return true;
+  return false;
+}
+
+// A transport's handle on one transfer in its queues.
+struct Cursor {
+  Transfer* t;
+  bool done() const { return t->done(); }
+  void settle() { t->settle(); }
 };
 
 class Links {
@@ -55,8 +71,10 @@ class Links {
   virtual int links_per_peer() const = 0;
   // Whether run() honours Segment::combine (the data sits in memory both sides can read).
   virtual bool can_combine() const { return false; }
-  // Progress all transfers concurrently until done; throws DistError on a closed connection,
-  // an error from a segment callback, or the deadline.
+  // Progress all transfers concurrently until every one not in the background is done;
+  // throws DistError on a closed connection, an error from a segment callback, or the
+  // deadline. With background transfers only, it moves what it can, waits at most until the
+  // deadline for one of them to become able to move (no error then), moves that, and returns.
   virtual void run(std::vector<Transfer>& transfers, Deadline deadline) = 0;
   // "rank 3 (10.0.0.2:5000)", for error messages.
   virtual std::string describe_peer(int peer) const = 0;

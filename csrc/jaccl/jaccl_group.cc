@@ -98,8 +98,8 @@ void JacclGroup::reduce_scatter(const void* in, void* out, size_t count, DType t
   jaccl::reduce_scatter(*mesh_, h, static_cast<const char*>(in), static_cast<char*>(out), count, t, op);
 }
 
+// Point-to-point goes over the mesh in both variants: its sends may outlive their op there.
 void JacclGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
-  if (ring_) return ring_->send(in, count, t, dst, shape_hash, tag);
   check_peer(dst, "destination");
   const size_t bytes = count * dtype_size(t);
   const Header h = calls_.send(t, bytes, shape_hash, dst, tag);
@@ -107,7 +107,6 @@ void JacclGroup::send(const void* in, size_t count, DType t, int dst, uint64_t s
 }
 
 void JacclGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {
-  if (ring_) return ring_->recv(out, count, t, src, shape_hash, tag);
   check_peer(src, "source");
   const size_t bytes = count * dtype_size(t);
   const Header h = calls_.recv(t, bytes, shape_hash, src, tag);

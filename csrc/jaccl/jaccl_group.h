@@ -38,6 +38,9 @@ class JacclGroup : public Group {
   MLXDIST_GROUP_OPS  // core/group.h
   void abort(const std::string& why) override;
   void close() override;
+  bool sending() const override { return mesh_ && mesh_->pending(); }
+  void progress_sends(std::chrono::microseconds wait) override { mesh_->progress(wait); }
+  void flush_sends() override { mesh_->flush(); }
 
  private:
   std::shared_ptr<ring::RingGroup> control_;

@@ -50,14 +50,35 @@ struct FlowState {
   size_t to_land = 0, landed = 0;   // payload frames
   bool header_seen = false;
   size_t first_frame = 1;  // index of the first payload message (0 without a header)
+  int in_flight = 0;       // its messages posted, not yet complete
+  bool sent_all() const { return sent == to_send && in_flight == 0; }
 };
+
+void start(FlowState& st, Flow& f, size_t frame) {
+  st.out.segments = &f.send;
+  st.in.segments = &f.recv;
+  st.in.receiving = true;
+  const size_t head = f.with_header ? 1 : 0;
+  st.first_frame = head;
+  st.to_send = f.sends ? head + frames_of(f.send, frame) : 0;
+  st.to_land = f.receives ? frames_of(f.recv, frame) : 0;
+  st.header_seen = !f.receives || !f.with_header;
+  if (f.receives) st.in.settle();  // leading empty segments
+}
 
 }  // namespace
 
 struct Mesh::Peer {
   std::deque<std::pair<int, size_t>> arrived;  // (slot, bytes) received, not yet landed, in order
   std::vector<int> free_send;
-  int sending = 0;  // sends posted, not yet complete
+  std::deque<FlowState*> owners;  // whose each posted send is, in post (= completion) order
+};
+
+struct Mesh::Pending {
+  Flow flow;
+  FlowState st;
+  std::vector<std::vector<char>> copies;  // the bytes its segments point at
+  Clock::time_point moved;
 };
 
 Mesh::Mesh(verbs::QueuePairs& qp, int me, int n, size_t frame_bytes, int depth,
@@ -77,46 +98,67 @@ Mesh::Mesh(verbs::QueuePairs& qp, int me, int n, size_t frame_bytes, int depth,
 
 Mesh::~Mesh() = default;
 
-void Mesh::run(std::vector<Flow>& flows, bool ordered) {
+void Mesh::run(std::vector<Flow>& flows, bool ordered) { run_until(flows, ordered, Deadline{}); }
+
+void Mesh::progress(Clock::duration wait) {
+  std::vector<Flow> none;
+  run_until(none, false, Clock::now() + wait);
+}
+
+void Mesh::flush() {
+  while (!pending_.empty()) progress(std::chrono::milliseconds(20));
+}
+
+void Mesh::run_until(std::vector<Flow>& flows, bool ordered, Deadline idle_until) {
   const size_t slot = std::max(frame_, sizeof(Header));
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
-  std::vector<FlowState> st(flows.size());
-  for (size_t i = 0; i < flows.size(); ++i) {
-    st[i].out.segments = &flows[i].send;
-    st[i].in.segments = &flows[i].recv;
-    st[i].in.receiving = true;
-    const size_t head = flows[i].with_header ? 1 : 0;
-    st[i].first_frame = head;
-    st[i].to_send = flows[i].sends ? head + frames_of(flows[i].send, frame_) : 0;
-    st[i].to_land = flows[i].receives ? frames_of(flows[i].recv, frame_) : 0;
-    st[i].header_seen = !flows[i].receives || !flows[i].with_header;
-    if (flows[i].receives) st[i].in.settle();  // leading empty segments
+  // Sends pending from earlier ops first: their messages lead on their queue pairs.
+  std::vector<Flow*> F;
+  std::vector<FlowState*> S;
+  std::vector<std::pair<size_t, int>> before;  // (sent, in flight): what counts as moving
+  for (auto& p : pending_) {
+    F.push_back(&p->flow);
+    S.push_back(&p->st);
+    before.emplace_back(p->st.sent, p->st.in_flight);
   }
-  auto landed_all = [&](size_t i) { return st[i].header_seen && st[i].landed == st[i].to_land; };
+  const size_t first_new = F.size();
+  std::vector<FlowState> st(flows.size());
+  bool foreground = false;
+  for (size_t i = 0; i < flows.size(); ++i) {
+    start(st[i], flows[i], frame_);
+    F.push_back(&flows[i]);
+    S.push_back(&st[i]);
+    foreground = foreground || !flows[i].background;
+  }
+  auto landed_all = [&](size_t i) { return S[i]->header_seen && S[i]->landed == S[i]->to_land; };
   // ordered: frame k of flow i waits for frame k of every earlier flow.
   auto may_land = [&](size_t i) {
     for (size_t j = 0; j < i; ++j)
-      if (st[j].landed <= st[i].landed && !landed_all(j)) return false;
+      if (S[j]->landed <= S[i]->landed && !landed_all(j)) return false;
     return true;
   };
   std::vector<verbs::Completion> done;
   std::vector<int> waiting;
   Deadline deadline = Clock::now() + stall;
+  bool waited = false;  // no foreground: polled once
   for (;;) {
-    for (size_t i = 0; i < flows.size(); ++i) {  // fill free send slots
-      Flow& f = flows[i];
+    for (size_t i = 0; i < F.size(); ++i) {  // fill free send slots
+      Flow& f = *F[i];
+      FlowState& fs = *S[i];
       Peer& P = peers_[f.peer];
-      while (st[i].sent < st[i].to_send && !P.free_send.empty()) {
+      while (fs.sent < fs.to_send && !P.free_send.empty()) {
         const int s = P.free_send.back();  // also bounds the sends in flight per peer
         char* dst = slots_[f.peer].data + s * slot;
         size_t len = sizeof(Header);
-        if (st[i].sent < st[i].first_frame) {
+        if (fs.sent < fs.first_frame) {
           std::memcpy(dst, &f.header, sizeof(Header));
           qp_.post_send(f.peer, slots_[f.peer], s * slot, len, post_id(f.peer, false, s));
         } else {
           char* src;
-          st[i].out.next(frame_, &src, &len);
-          if (direct_) {  // the transport copies anyway: no staging
+          fs.out.next(frame_, &src, &len);
+          // The transport copies anyway: no staging, unless the op may return first (the
+          // transport would read the caller's buffer later).
+          if (direct_ && !f.background) {
             qp_.post_send(f.peer, verbs::Buffer{src, len, 0}, 0, len, post_id(f.peer, false, s));
           } else {
             std::memcpy(dst, src, len);
@@ -124,36 +166,38 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
           }
         }
         P.free_send.pop_back();
-        ++P.sending;
-        ++st[i].sent;
+        P.owners.push_back(&fs);
+        ++fs.in_flight;
+        ++fs.sent;
       }
     }
-    for (size_t i = 0; i < flows.size(); ++i) {  // land what arrived
-      Flow& f = flows[i];
+    for (size_t i = 0; i < F.size(); ++i) {  // land what arrived
+      Flow& f = *F[i];
+      FlowState& fs = *S[i];
       Peer& P = peers_[f.peer];
       while (!P.arrived.empty() && !landed_all(i)) {
         auto [s, len] = P.arrived.front();
         const char* src = slots_[f.peer].data + s * slot;
-        if (!st[i].header_seen) {
+        if (!fs.header_seen) {
           if (len != sizeof(Header))
             fail("expected the header of ", describe(f.header), " from ", qp_.describe_peer(f.peer),
                  " but got ", len, " bytes of payload (the ranks are out of step)");
           Header theirs;
           std::memcpy(&theirs, src, sizeof(Header));
           check_header(f.header, theirs, me_name_, qp_.describe_peer(f.peer));
-          st[i].header_seen = true;
+          fs.header_seen = true;
         } else {
           if (ordered && !may_land(i)) break;
           char* dst;
           size_t want;
-          st[i].in.next(frame_, &dst, &want);
+          fs.in.next(frame_, &dst, &want);
           if (len != want)
             fail(describe(f.header), ": ", qp_.describe_peer(f.peer), " sent a frame of ", len,
                  " bytes where ", want, " were expected");
           if (f.land) f.land(dst, src, len);
           else std::memcpy(dst, src, len);
-          ++st[i].landed;
-          st[i].in.settle();  // finished segments run their callbacks now
+          ++fs.landed;
+          fs.in.settle();  // finished segments run their callbacks now
         }
         P.arrived.pop_front();
         qp_.post_recv(f.peer, slots_[f.peer], s * slot, slot, post_id(f.peer, true, s));
@@ -163,28 +207,68 @@ void Mesh::run(std::vector<Flow>& flows, bool ordered) {
     // (A peer whose last messages have all arrived may leave: that is no failure.)
     waiting.clear();
     bool finished = true;
-    for (size_t i = 0; i < flows.size(); ++i) {
-      const Peer& P = peers_[flows[i].peer];
-      const size_t due = (st[i].header_seen ? 0 : 1) + st[i].to_land - st[i].landed;
-      const bool sends_left = st[i].sent < st[i].to_send || P.sending > 0;
-      finished = finished && due == 0 && !sends_left;
-      if (due > P.arrived.size() || sends_left) waiting.push_back(flows[i].peer);
+    for (size_t i = 0; i < F.size(); ++i) {
+      const Peer& P = peers_[F[i]->peer];
+      const size_t due = (S[i]->header_seen ? 0 : 1) + S[i]->to_land - S[i]->landed;
+      const bool sends_left = !S[i]->sent_all();
+      if (i >= first_new && !F[i]->background) finished = finished && due == 0 && !sends_left;
+      if (due > P.arrived.size() || sends_left) waiting.push_back(F[i]->peer);
     }
-    if (finished) return;
+    if (finished && (foreground || waited || waiting.empty())) break;
     if (waiting.empty()) continue;  // all of it arrived: the next pass lands it
     done.clear();
-    qp_.poll(done, deadline, waiting);
+    if (!qp_.poll(done, foreground ? deadline : idle_until, waiting)) {
+      if (!foreground) {
+        waited = true;
+        continue;
+      }
+      std::string who;
+      for (int p : waiting) who += (who.empty() ? "" : ", ") + qp_.describe_peer(p);
+      fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) waiting for ", who);
+    }
     for (const auto& c : done) {
       Peer& P = peers_[c.peer];
       if (c.is_recv) {
         P.arrived.emplace_back(id_slot(c.id), c.len);
       } else {
         P.free_send.push_back(id_slot(c.id));
-        --P.sending;
+        --P.owners.front()->in_flight;
+        P.owners.pop_front();
       }
     }
     deadline = Clock::now() + stall;  // the timeout bounds a stall, not the whole op
+    if (!foreground) waited = true;
   }
+  // Pending sends that moved restart their stall clock; finished ones leave.
+  const auto now = Clock::now();
+  for (size_t i = 0; i < first_new; ++i)
+    if (before[i] != std::make_pair(S[i]->sent, S[i]->in_flight)) pending_[i]->moved = now;
+  // This run's background sends not yet delivered are kept, with copies of what is unsent.
+  for (size_t i = 0; i < flows.size(); ++i) {
+    if (!flows[i].background || st[i].sent_all()) continue;
+    auto p = std::make_unique<Pending>();
+    p->flow = std::move(flows[i]);
+    p->st = st[i];
+    p->st.out.segments = &p->flow.send;
+    p->st.in.segments = &p->flow.recv;
+    for (size_t k = p->st.out.seg; k < p->flow.send.size(); ++k) {
+      Segment& seg = p->flow.send[k];
+      const char* from = static_cast<const char*>(seg.data);
+      p->copies.emplace_back(from, from + seg.len);
+      seg.data = p->copies.back().data();
+    }
+    for (auto& P : peers_)
+      for (auto& owner : P.owners)
+        if (owner == &st[i]) owner = &p->st;
+    p->moved = now;
+    pending_.push_back(std::move(p));
+  }
+  for (size_t i = pending_.size(); i-- > 0;)
+    if (pending_[i]->st.sent_all()) pending_.erase(pending_.begin() + std::ptrdiff_t(i));
+  for (const auto& p : pending_)
+    if (now - p->moved > stall)
+      fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) sending to ",
+           qp_.describe_peer(p->flow.peer), ": it did not receive (no matching recv)");
 }
 
 namespace {
@@ -284,6 +368,7 @@ void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst) {
   std::vector<Flow> flows{flow_with(dst, h)};
   flows[0].send = {Segment{const_cast<char*>(in), bytes}};
   flows[0].receives = false;
+  flows[0].background = true;  // returns once its messages are posted or copied
   m.run(flows, false);
 }
 

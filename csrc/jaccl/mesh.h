@@ -5,7 +5,9 @@
 // receiver checks before it touches any payload.
 #pragma once
 
+#include <deque>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -25,6 +27,9 @@ struct Flow {
   // How arriving payload goes into recv (dst) from the slot (src): a copy when empty.
   std::function<void(char* dst, const char* src, size_t len)> land;
   bool with_header = true;  // false: the caller frames its own stream (the ring variant)
+  // Send-only: the op may return before it is done (a send never waits for its receiver);
+  // the mesh keeps what is left and moves it during later runs.
+  bool background = false;
 };
 
 class Mesh {
@@ -32,9 +37,15 @@ class Mesh {
   Mesh(verbs::QueuePairs& qp, int me, int n, size_t frame_bytes, int depth, double timeout_s,
        std::string me_name);
   ~Mesh();
-  // Runs the flows to completion. ordered: the k-th frame of flows[i] lands only after the k-th
-  // frame of every earlier flow (a fixed reduction order, hence the same bits on every run).
+  // Runs the flows (but background ones) to completion, sends pending from earlier runs moving
+  // first. ordered: the k-th frame of flows[i] lands only after the k-th frame of every
+  // earlier flow (a fixed reduction order, hence the same bits on every run).
   void run(std::vector<Flow>& flows, bool ordered);
+  // Pending sends: whether any, moving them (waiting at most `wait` for a completion), and
+  // delivering them all. Throw when a peer is lost or a send has not moved for the timeout.
+  bool pending() const { return !pending_.empty(); }
+  void progress(Clock::duration wait);
+  void flush();
 
   int rank() const { return me_; }
   int size() const { return n_; }
@@ -42,6 +53,9 @@ class Mesh {
 
  private:
   struct Peer;
+  struct Pending;
+  // Runs foreground flows to completion; with none, waits at most until `idle_until`.
+  void run_until(std::vector<Flow>& flows, bool ordered, Deadline idle_until);
   verbs::QueuePairs& qp_;
   int me_, n_;
   size_t frame_;
@@ -51,6 +65,7 @@ class Mesh {
   bool direct_;  // payload is sent from where it lies, not from a send slot
   std::vector<verbs::Buffer> slots_;  // per peer: depth receive slots, then depth send slots
   std::vector<Peer> peers_;
+  std::deque<std::unique_ptr<Pending>> pending_;  // in the order they were sent
 };
 
 // The collectives (header: the op's, sent to every peer). out may alias in where noted.

@@ -39,7 +39,8 @@ void reduce_scatter(Context& ctx, const char* in, char* out, DType wire, ReduceO
                     const Layout& layout, std::vector<char>& scratch);
 // buf holds this rank's block; afterwards it holds every rank's block.
 void all_gather(Context& ctx, char* buf, size_t esize, const Layout& layout);
-// Point-to-point, framed like the collectives. Send is eager: it completes once written.
+// Point-to-point, framed like the collectives. Send returns once the transport took what it
+// could at once; the links (an Outbox) keep the rest and move it during later runs.
 void send(Context& ctx, const void* buf, size_t bytes, int dst);
 void recv(Context& ctx, void* buf, size_t bytes, int src);
 

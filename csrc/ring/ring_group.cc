@@ -51,12 +51,20 @@ RingGroup::RingGroup(uint64_t id, int rank, std::vector<int> world_ranks,
   links_ = tcp::connect_mesh(addrs, names, rank_, id_, links, opts_.timeout_s, opts_.token,
                             opts_.verbose);
   if (opts_.transport != "tcp" && n > 1) try_shared_memory();
+  open_outbox();
+}
+
+void RingGroup::open_outbox() {
+  auto outbox = std::make_unique<Outbox>(std::move(links_), opts_.timeout_s);
+  outbox_ = outbox.get();
+  links_ = std::move(outbox);
 }
 
 RingGroup::RingGroup(uint64_t id, int rank, int size, std::unique_ptr<Links> links, Options opts)
     : id_(id), rank_(rank), world_ranks_(size), opts_(opts), links_(std::move(links)),
       calls_(id, size) {
   std::iota(world_ranks_.begin(), world_ranks_.end(), 0);
+  open_outbox();
 }
 
 RingGroup::~RingGroup() { close(); }

@@ -9,6 +9,7 @@
 #include "core/group.h"
 #include "core/calls.h"
 #include "core/transfer.h"
+#include "transport/outbox.h"
 #include "transport/tcp.h"
 
 namespace mlxdist::ring {
@@ -50,6 +51,9 @@ class RingGroup : public Group {
   std::vector<int32_t> gather_split(int color, int key);
   void abort(const std::string& why) override;
   void close() override;
+  bool sending() const override { return outbox_ && outbox_->pending(); }
+  void progress_sends(std::chrono::microseconds wait) override { outbox_->progress(wait); }
+  void flush_sends() override { outbox_->flush(); }
 
   // For groups that run their data elsewhere and use this one as their control channel:
   // one blob from every member (collective), peers whose connections closed, peer names.
@@ -62,6 +66,8 @@ class RingGroup : public Group {
   struct Context;
   // Moves the data path to shared memory when every member is on this host (and allowed).
   void try_shared_memory();
+  // Last step of construction: sends from now on may outlive their op.
+  void open_outbox();
 
   uint64_t id_;
   int rank_;
@@ -69,6 +75,7 @@ class RingGroup : public Group {
   std::shared_ptr<const AddressBook> book_;
   Options opts_;
   std::unique_ptr<Links> links_;
+  Outbox* outbox_ = nullptr;  // links_, once open_outbox wrapped them
   Calls calls_;
   uint64_t splits_ = 0;
   std::vector<char> scratch_, work_;

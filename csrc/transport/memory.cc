@@ -12,6 +12,8 @@ void MemoryLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   std::map<std::tuple<bool, int, int>, size_t> heads;
   for (auto& t : transfers) queues[{!t.is_send, t.peer, t.link % links_}].push_back(Cursor{&t});
   std::unique_lock<std::mutex> lock(hub_->mu_);
+  const bool foreground = has_foreground(transfers);
+  bool waited = false;
   for (;;) {
     bool progressed = false, pending = false;
     for (auto& [key, q] : queues) {
@@ -25,10 +27,10 @@ void MemoryLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         c.settle();
         lock.lock();
         if (c.done()) { ++h; continue; }
-        Segment& s = c.t->segments[c.seg];
-        char* p = static_cast<char*>(s.data) + c.off;
-        const size_t n = is_recv ? std::min(s.len - c.off, pipe.size())
-                                 : std::min(s.len - c.off, hub_->capacity_ - std::min(hub_->capacity_, pipe.size()));
+        Segment& s = c.t->segments[c.t->seg];
+        char* p = static_cast<char*>(s.data) + c.t->off;
+        const size_t n = is_recv ? std::min(s.len - c.t->off, pipe.size())
+                                 : std::min(s.len - c.t->off, hub_->capacity_ - std::min(hub_->capacity_, pipe.size()));
         if (n == 0) {
           pending = true;
           break;
@@ -39,7 +41,7 @@ void MemoryLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         } else {
           pipe.insert(pipe.end(), p, p + n);
         }
-        c.off += n;
+        c.t->off += n;
         progressed = true;
       }
     }
@@ -48,7 +50,11 @@ void MemoryLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     for (auto& [key, q] : queues)
       if (auto it = hub_->left_.find(std::get<1>(key)); heads[key] < q.size() && it != hub_->left_.end())
         fail(describe_peer(it->first), " left the group after an error: ", it->second);
-    if (!progressed && hub_->moved_.wait_until(lock, deadline) == std::cv_status::timeout)
+    if (!foreground_left(transfers) && (foreground || progressed || waited)) return;
+    if (progressed) continue;
+    const bool timed_out = hub_->moved_.wait_until(lock, deadline) == std::cv_status::timeout;
+    waited = true;
+    if (timed_out && foreground)
       fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) in an in-memory transfer");
   }
 }

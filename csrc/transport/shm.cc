@@ -218,6 +218,8 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   Doorbell* mine = mailbox(me_);
   auto idle_since = Clock::now();
   bool rechecked = false;  // looked at the rings again after seeing a peer gone
+  const bool foreground = has_foreground(transfers);
+  bool waited = false;  // background only: slept once on the doorbell
   for (;;) {
     const uint32_t bell = mine->seen();
     bool progressed = false, pending = false;
@@ -230,14 +232,14 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         Cursor& c = q[h];
         c.settle();
         if (c.done()) { ++h; continue; }
-        mlxdist::Segment& s = c.t->segments[c.seg];
-        char* p = static_cast<char*>(s.data) + c.off;
-        size_t want = s.len - c.off;
+        mlxdist::Segment& s = c.t->segments[c.t->seg];
+        char* p = static_cast<char*>(s.data) + c.t->off;
+        size_t want = s.len - c.t->off;
         RingHeader* r = is_recv ? ring(me_, peer, link) : ring(peer, me_, link);
         char* data = reinterpret_cast<char*>(r) + sizeof(RingHeader);
         uint64_t head = r->head.load(std::memory_order_acquire);
         uint64_t tail = r->tail.load(std::memory_order_acquire);
-        if (c.off == 0) (is_recv ? tail : head) = aligned(is_recv ? tail : head);
+        if (c.t->off == 0) (is_recv ? tail : head) = aligned(is_recv ? tail : head);
         const uint64_t used = head > tail ? head - tail : 0;  // head < tail: padding not yet written
         size_t n = is_recv ? std::min<uint64_t>(want, used)
                            : std::min<uint64_t>(want, ring_bytes_ - std::min<uint64_t>(used, ring_bytes_));
@@ -267,11 +269,11 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
           r->head.store(head + n, std::memory_order_release);
           mailbox(peer)->ring();  // the receiver may be waiting for data
         }
-        c.off += n;
+        c.t->off += n;
         progressed = true;
       }
     }
-    if (!pending) {
+    if (!pending || (!foreground_left(transfers) && (foreground || progressed || waited))) {
       // What the peers left is used only if none of them abandoned this call.
       for (auto& [key, q] : queues) check_farewell(std::get<1>(key));
       return;
@@ -283,7 +285,7 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
       deadline = std::max(deadline, now + stall);
       continue;
     }
-    if (now - idle_since < kSpin) {
+    if (foreground && now - idle_since < kSpin) {
       cpu_relax();
       continue;
     }
@@ -298,6 +300,11 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         continue;
       }
       fail(lost, " closed the connection");
+    }
+    if (!foreground) {  // background only: one nap, bounded by the deadline
+      if (now < deadline) mine->wait(bell, std::min<Clock::duration>(kNap, deadline - now));
+      waited = true;
+      continue;
     }
     if (now >= deadline) fail("timed out after ", timeout_s_, " s (MLXDIST_TIMEOUT) ", waiting);
     mine->wait(bell, std::min<Clock::duration>(kNap, deadline - now));

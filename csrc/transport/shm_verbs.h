@@ -26,7 +26,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
   bool sends_from_any_memory() const override { return true; }
   void post_send(int peer, const verbs::Buffer& buf, size_t off, size_t len, uint64_t id) override;
   void post_recv(int peer, const verbs::Buffer& buf, size_t off, size_t len, uint64_t id) override;
-  void poll(std::vector<verbs::Completion>& done, Deadline deadline,
+  bool poll(std::vector<verbs::Completion>& done, Deadline deadline,
             const std::vector<int>& waiting_on) override;
   std::string describe_peer(int peer) const override { return names_(peer); }
   void close() override;

@@ -305,6 +305,8 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     queues[{!t.is_send, fd}].push_back(Cursor{&t});
   }
   std::vector<pollfd> pfds;
+  const bool foreground = has_foreground(transfers);
+  bool waited = false;  // background only: waited once for a socket to become ready
   // The timeout bounds a stall, not a whole transfer: progress pushes the deadline out.
   const auto stall = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
   std::string lost;  // first failed send, reported once nothing else can move
@@ -321,7 +323,7 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
           c.settle();
         } catch (const DistError&) {
           // Where a header was due the peer may have left its farewell: report that instead.
-          const Segment& s = c.t->segments[c.seg];
+          const Segment& s = c.t->segments[c.t->seg];
           uint32_t magic = 0;
           if (s.len >= 4) std::memcpy(&magic, s.data, 4);
           std::string why = magic == kFarewellMagic ? read_farewell(fd, true) : "";
@@ -329,13 +331,13 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
           throw;
         }
         if (c.done()) { ++h; continue; }
-        Segment& s = c.t->segments[c.seg];
-        char* p = static_cast<char*>(s.data) + c.off;
-        size_t want = s.len - c.off;
+        Segment& s = c.t->segments[c.t->seg];
+        char* p = static_cast<char*>(s.data) + c.t->off;
+        size_t want = s.len - c.t->off;
         ssize_t n = sending ? ::send(fd, p, want, MSG_NOSIGNAL | MSG_DONTWAIT)
                             : ::recv(fd, p, want, MSG_DONTWAIT);
         if (n > 0) {
-          c.off += size_t(n);
+          c.t->off += size_t(n);
           progressed = true;
           continue;
         }
@@ -361,12 +363,17 @@ void TcpLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
     }
     if (!lost.empty() && (!pending || !progressed)) throw DistError(lost);
     if (!pending) return;
+    if (!foreground_left(transfers) && (foreground || progressed || waited)) return;
     if (progressed) {
       deadline = std::max(deadline, Clock::now() + stall);
       continue;
     }
     int ready = ::poll(pfds.data(), pfds.size(), ms_until(deadline));
     if (ready < 0 && errno != EINTR) fail("poll: ", std::strerror(errno));
+    if (!foreground) {
+      waited = true;
+      continue;
+    }
     if (ready == 0 && Clock::now() >= deadline) {
       std::string who;
       for (auto& p : pfds) {

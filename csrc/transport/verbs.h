@@ -43,9 +43,10 @@ class QueuePairs {
   virtual void post_send(int peer, const Buffer& buf, size_t off, size_t len, uint64_t id) = 0;
   // Room for the next message from peer.
   virtual void post_recv(int peer, const Buffer& buf, size_t off, size_t len, uint64_t id) = 0;
-  // Appends what completed since the last call; waits until something did. Throws DistError
-  // at the deadline or when one of the peers the caller waits on is lost (naming them).
-  virtual void poll(std::vector<Completion>& done, Deadline deadline,
+  // Appends what completed since the last call; waits until something did (true) or the
+  // deadline passed (false). Throws DistError when one of the peers the caller waits on is
+  // lost (naming them).
+  virtual bool poll(std::vector<Completion>& done, Deadline deadline,
                     const std::vector<int>& waiting_on) = 0;
   virtual std::string describe_peer(int peer) const = 0;
   // Graceful: messages already posted are still delivered.
