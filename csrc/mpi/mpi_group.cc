@@ -175,19 +175,65 @@ void MpiGroup::all_gather(const void* in, void* out, size_t count, DType t, uint
   wait(req, "MPI_Iallgather");
 }
 
+// Never waits for the receiver: MPI sends a copy, reaped by later ops and the idle engine.
 void MpiGroup::send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash, int tag) {
   check_peer(dst, "destination");
-  const std::string peer = "rank " + std::to_string(dst);
-  const Header h = calls_.send(t, count * dtype_size(t), shape_hash, dst, tag);
-  Handle reqs[2] = {nullptr, nullptr};
+  reap();
+  Pending p{{nullptr, nullptr}, std::make_unique<Header>(calls_.send(t, count * dtype_size(t),
+                                                                     shape_hash, dst, tag)),
+            {}, dst, std::chrono::steady_clock::now()};
+  const char* from = static_cast<const char*>(in);
+  p.data.assign(from, from + p.header->nbytes);
   {
     std::lock_guard<std::mutex> lock(lib_.mu);
-    int n = as_count(h.nbytes, "MPI_Isend");
-    check(lib_, lib_.Isend(&h, sizeof(h), lib_.byte, dst, 2 * tag, comm_, &reqs[0]), "MPI_Isend");
-    check(lib_, lib_.Isend(in, n, lib_.byte, dst, 2 * tag + 1, comm_, &reqs[1]), "MPI_Isend");
+    int n = as_count(p.header->nbytes, "MPI_Isend");
+    check(lib_, lib_.Isend(p.header.get(), sizeof(Header), lib_.byte, dst, 2 * tag, comm_, &p.reqs[0]),
+          "MPI_Isend");
+    check(lib_, lib_.Isend(p.data.data(), n, lib_.byte, dst, 2 * tag + 1, comm_, &p.reqs[1]),
+          "MPI_Isend");
   }
-  wait(reqs[0], "send to " + peer);
-  wait(reqs[1], "send to " + peer);
+  outbox_.push_back(std::move(p));
+  reap();  // a small send usually completes at once
+}
+
+void MpiGroup::reap() {
+  const auto now = std::chrono::steady_clock::now();
+  const auto stall = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(timeout_s_));
+  for (auto it = outbox_.begin(); it != outbox_.end();) {
+    int done[2] = {it->reqs[0] == nullptr, 0};
+    {
+      std::lock_guard<std::mutex> lock(lib_.mu);
+      if (!done[0]) check(lib_, lib_.Test(&it->reqs[0], &done[0], lib_.status_ignore), "MPI_Test");
+      if (done[0]) it->reqs[0] = nullptr;
+      check(lib_, lib_.Test(&it->reqs[1], &done[1], lib_.status_ignore), "MPI_Test");
+    }
+    if (done[0] && done[1]) {
+      it = outbox_.erase(it);
+      continue;
+    }
+    if (now - it->posted > stall) {
+      failed_ = lib_.failed = true;  // the request stays posted: MPI cannot cancel it
+      fail("send to rank ", it->dst, ": not received within MLXDIST_TIMEOUT=", timeout_s_,
+           "s (no matching recv)");
+    }
+    ++it;
+  }
+}
+
+void MpiGroup::progress_sends(std::chrono::microseconds wait) {
+  const auto until = std::chrono::steady_clock::now() + wait;
+  do {
+    reap();
+    std::this_thread::yield();
+  } while (!outbox_.empty() && std::chrono::steady_clock::now() < until);
+  if (!outbox_.empty() &&
+      std::chrono::steady_clock::now() - outbox_.front().posted > std::chrono::milliseconds(20))
+    check_farewells();  // its receiver may have failed: say why
+}
+
+void MpiGroup::flush_sends() {
+  while (!outbox_.empty()) progress_sends(std::chrono::milliseconds(20));
 }
 
 void MpiGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) {

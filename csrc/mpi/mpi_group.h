@@ -4,6 +4,8 @@
 // different ops, dtypes or shapes fail with both calls named instead of mixing data.
 #pragma once
 
+#include <chrono>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,8 +30,21 @@ class MpiGroup : public Group {
   MLXDIST_GROUP_OPS  // core/group.h
   void abort(const std::string& why) override;
   void close() override;
+  bool sending() const override { return !outbox_.empty(); }
+  void progress_sends(std::chrono::microseconds wait) override;
+  void flush_sends() override;
 
  private:
+  // A send whose op returned: MPI reads its own copy of the data until the receiver took it.
+  struct Pending {
+    Handle reqs[2];
+    std::unique_ptr<Header> header;
+    std::vector<char> data;
+    int dst;
+    std::chrono::steady_clock::time_point posted;
+  };
+  // Drops completed sends; throws when one has waited for MLXDIST_TIMEOUT.
+  void reap();
   // All ranks' headers for the next collective must match this rank's.
   void agree(const Header& mine);
   // Polls req until it completes or the timeout passes (naming what and the peer, if one).
@@ -50,6 +65,7 @@ class MpiGroup : public Group {
   std::vector<Header> headers_;
   std::vector<float> wide_in_, wide_out_;
   std::vector<char> scratch_;
+  std::deque<Pending> outbox_;
   bool failed_ = false;
   bool said_farewell_ = false;
 };
