@@ -149,48 +149,53 @@ def test_second_thread_on_a_group_is_refused():
 
 
 def body_unmatched_send():
+    import jax
     import jax.numpy as jnp
     import jax_mlxdist as dist
     g = dist.init()
-    side = g.split(0)  # its own connections: a side channel that the world group cannot block
+    pair = g.split(0)  # the group that fails; the world stays usable as a side channel
     # Small: the send completes before the receiver has even posted its recv.
     if g.rank() == 0:
-        dist.send(jnp.arange(3.0), 1)
-        dist.barrier(group=side)
+        dist.send(jnp.arange(3.0), 1, group=pair)
+        dist.barrier()
         small = None
     else:
-        dist.barrier(group=side)  # rank 0's send has returned by now
-        small = dist.recv((3,), jnp.float32, 0).tolist()
-    # Large (64 MB, more than any socket or shared-memory buffer): the sender times out.
+        dist.barrier()  # rank 0's send has returned by now
+        small = dist.recv((3,), jnp.float32, 0, group=pair).tolist()
+    # Large (64 MB, more than any socket or shared-memory buffer) and never received: the send
+    # returns at once; the group fails when the send has not moved for MLXDIST_TIMEOUT, and
+    # closing the group (which delivers pending sends first) says so.
     if g.rank() == 0:
-        import jax
         big = jnp.ones(16 << 20)
-        # Compiled ahead, so the time below is the stalled send's alone (not the compile).
-        send = jax.jit(lambda x: dist.send(x, 1)).lower(big).compile()
+        # Compiled ahead, so the time below is the send's alone (not the compile).
+        send = jax.jit(lambda x: dist.send(x, 1, group=pair)).lower(big).compile()
         t = time.monotonic()
-        err = _error(lambda: send(big).block_until_ready())
+        sent = _error(lambda: send(big).block_until_ready())
+        returned = time.monotonic() - t
+        t = time.monotonic()
+        err = _error(lambda: pair.close())
         took = time.monotonic() - t
-        later = _error(lambda: dist.all_sum(jnp.float32(1)))
     else:
         from jax_mlxdist.testing import wait_for_peer_hangup
         assert wait_for_peer_hangup(60), "rank 0 never gave up"
-        err, took = None, 0.0
-        later = _error(lambda: dist.all_sum(jnp.float32(1)))
-    side_ok = float(dist.all_sum(jnp.float32(1), group=side))  # another group is unaffected
-    return small, err, took, later, side_ok
+        sent, returned, took = None, 0.0, 0.0
+        err = _error(lambda: dist.all_sum(jnp.float32(1), group=pair))
+    side_ok = float(dist.all_sum(jnp.float32(1)))  # another group is unaffected
+    return small, sent, returned, err, took, side_ok
+
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_send_without_recv(transport):
     env = {"MLXDIST_TIMEOUT": str(TIMEOUT), "MLXDIST_TRANSPORT": transport}
-    (s0, err, took, later0, ok0), (small, _, _, later1, ok1) = run_ranks(
+    (_, sent, returned, err, took, ok0), (small, _, _, err1, _, ok1) = run_ranks(
         body_unmatched_send, 2, env=env, timeout=60)
     assert small == [0.0, 1.0, 2.0]
+    assert sent is None and returned < TIMEOUT / 2, (sent, returned)  # it never waits for recv
     assert err is not None and "timed out" in err and "sending to rank 1" in err, err
+    assert "no matching recv" in err, err
     # The timeout bounds a stall: bytes the receiver's kernel still takes late (Linux collapses
     # a full receive queue on loopback, opening the window a little) restart it once at most.
-    assert TIMEOUT - 0.5 < took < 2 * TIMEOUT + MARGIN, took
-    # The failed group stays failed: later calls raise with the original error.
-    assert "earlier error" in later0 and "timed out" in later0, later0
-    assert later1 is not None and "rank 0" in later1, later1
+    assert TIMEOUT - 0.5 < took + returned < 2 * TIMEOUT + MARGIN, took
+    assert err1 is not None and "rank 0" in err1, err1  # the receiver learns why
     assert ok0 == ok1 == 2.0
