@@ -29,8 +29,10 @@ per op, chained through its result); batched (all_sum at the smallest size): MLX
 chained graph of K all_sums, JAX / mpi4jax / ours one jitted fori_loop of K all_sums; time / K.
 
 Sizes are per-rank input bytes (all_gather outputs n times that; sum_scatter's input is rounded
-up to a multiple of 4n bytes). Bus bandwidth: all_sum 2(n-1)/n x bytes / time, all_gather
-(n-1)/n x output bytes / time, sum_scatter (n-1)/n x input bytes / time.
+up to a multiple of 4n bytes, as is all_to_all's). sendrecv: every rank sends its input to the
+next rank and receives the previous rank's (a ring pass). Bus bandwidth: all_sum 2(n-1)/n x
+bytes / time, all_gather (n-1)/n x output bytes / time, sum_scatter and all_to_all (n-1)/n x
+input bytes / time, sendrecv bytes / time.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ sys.path.insert(0, PEERS)
 from common import reserve_port  # noqa: E402
 from setup import setup, venv_python  # noqa: E402
 
-OPS = ["all_sum", "all_gather", "sum_scatter"]
+OPS = ["all_sum", "all_gather", "sum_scatter", "all_to_all", "sendrecv"]
 START_TIMEOUT = 240.0
 
 MPI_TCP = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
@@ -305,7 +307,7 @@ def fmt_size(b: int) -> str:
 
 def count_for(op: str, nbytes: int, n: int) -> int:
     count = max(1, nbytes // 4)
-    if op == "sum_scatter":
+    if op in ("sum_scatter", "all_to_all"):
         count = -(-count // n) * n
     return count
 
@@ -321,7 +323,7 @@ def schedule(op: str, count: int, n: int, scale: float) -> tuple[int, int]:
 def bus_bytes(op: str, count: int, n: int) -> float:
     b = 4 * count
     return {"all_sum": 2 * (n - 1) / n * b, "all_gather": (n - 1) * b,
-            "sum_scatter": (n - 1) / n * b}[op]
+            "sum_scatter": (n - 1) / n * b, "all_to_all": (n - 1) / n * b, "sendrecv": b}[op]
 
 
 # ---------------------------------------------------------------------------------------------

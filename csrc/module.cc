@@ -200,7 +200,8 @@ NB_MODULE(_C, m) {
 
   // Test hook: the ring algorithms for n ranks that are threads of this process, over
   // in-memory pipes of pipe_bytes each (transport/memory.h). op: all_reduce, all_gather,
-  // reduce_scatter or ring_pass (send to the next rank, receive from the previous);
+  // reduce_scatter, ring_pass (send to the next rank, receive from the previous), sendrecv
+  // (the same pass in one call) or all_to_all (even blocks);
   // inputs[r] is rank r's bytes. Returns each rank's output bytes.
   m.def(
       "_ring_in_memory",
@@ -240,6 +241,11 @@ NB_MODULE(_C, m) {
                 else if (op == "ring_pass") {
                   g.send(in, bytes / es, t, (r + 1) % n, 1, 0);
                   g.recv(out, bytes / es, t, (r + n - 1) % n, 1, 0);
+                } else if (op == "sendrecv") {
+                  g.sendrecv(in, bytes / es, (r + 1) % n, 1, out, bytes / es, (r + n - 1) % n, 1, t, 0);
+                } else if (op == "all_to_all") {
+                  std::vector<size_t> counts(n, bytes / es / n);
+                  g.all_to_all(in, counts, out, counts, t, 1);
                 } else fail("unknown op ", op);
                 g.flush_sends();  // as the engine does before a group closes
               } catch (const std::exception& e) {

@@ -33,13 +33,12 @@ for _ in range(20):
 print("weights after 20 data-parallel steps (equal on every rank):", w)
 
 if size > 1:
-    # Point-to-point between any two ranks: a ring shift.
+    # Point-to-point between any two ranks: a ring shift. Every rank sends first; a send
+    # never waits for its recv.
     right, left = (rank + 1) % size, (rank - 1) % size
-    if rank % 2 == 0:
-        dist.send(x, right)
-        got = dist.recv_like(x, left)
-    else:
-        got = dist.recv_like(x, left)
-        dist.send(x, right)
-    print(f"received from rank {left}:", got)
+    dist.send(x, right)
+    print(f"received from rank {left}:", dist.recv_like(x, left))
+    print("sendrecv   ", dist.sendrecv(x, right, left))  # the same shift in one call
+    # all_to_all: block i of axis 0 goes to rank i.
+    print("all_to_all ", dist.all_to_all(jnp.arange(2.0 * size) + 100 * rank))
 dist.barrier()

@@ -73,6 +73,20 @@ def test_ring_pass(n):
         np.testing.assert_array_equal(out, xs[(r - 1) % n])
 
 
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_sendrecv(n):
+    xs = inputs(n, 2000, "float32")
+    for r, out in enumerate(run("sendrecv", xs, "float32", chunk_bytes=64, pipe_bytes=256)):
+        np.testing.assert_array_equal(out, xs[(r - 1) % n])
+
+
+@pytest.mark.parametrize("n, rows", [(2, 1), (3, 7), (5, 100)])
+def test_all_to_all(n, rows):
+    xs = inputs(n, n * rows, "int32")
+    for r, out in enumerate(run("all_to_all", xs, "int32", chunk_bytes=64, pipe_bytes=96)):
+        np.testing.assert_array_equal(out, np.concatenate([x[r * rows:(r + 1) * rows] for x in xs]))
+
+
 def test_mismatched_sizes_name_both_calls():
     xs = [np.ones(4, np.float32), np.ones(5, np.float32)]
     with pytest.raises(_C.DistError, match="16 bytes.*20 bytes|20 bytes.*16 bytes"):

@@ -51,6 +51,11 @@ def expected(op: str, mode: str, rank: int, size: int, count: int) -> np.ndarray
     if op == "sum_scatter":
         block = count // size
         return total[rank * block:(rank + 1) * block]
+    if op == "all_to_all":  # block `rank` of every rank's input, in rank order
+        block = count // size
+        return np.concatenate([x[rank * block:(rank + 1) * block] for x in inputs])
+    if op == "sendrecv":  # a ring pass: the previous rank's input
+        return inputs[(rank - 1) % size]
     raise ValueError(op)
 
 

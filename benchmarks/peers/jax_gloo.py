@@ -50,7 +50,9 @@ def get(arr):
 
 ops = {"all_sum": lambda x: lax.psum(x, "i"),
        "all_gather": lambda x: lax.all_gather(x, "i", tiled=True),
-       "sum_scatter": lambda x: lax.psum_scatter(x, "i", scatter_dimension=0, tiled=True)}
+       "sum_scatter": lambda x: lax.psum_scatter(x, "i", scatter_dimension=0, tiled=True),
+       "all_to_all": lambda x: lax.all_to_all(x, "i", 0, 0, tiled=True),
+       "sendrecv": lambda x: lax.ppermute(x, "i", [(i, (i + 1) % size) for i in range(size)])}
 _tiny = jax.jit(wrap(ops["all_sum"], "s", "s"))
 _one = put(np.zeros(1, np.float32))
 

@@ -59,6 +59,8 @@ class Impl:
         mx.eval(mx.distributed.all_sum(self._one))
 
     def case(self, op, count, mode):
+        if op not in OPS:
+            raise Unsupported(f"MLX has no {op}")
         if mode == "batched" and op != "all_sum":
             raise Unsupported("batched form only for all_sum")
         return Case(op, count, mode)

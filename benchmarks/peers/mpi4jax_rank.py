@@ -19,8 +19,11 @@ def _first(r):  # older mpi4jax returned (result, token)
     return r[0] if isinstance(r, tuple) else r
 
 
+right, left = (rank + 1) % size, (rank - 1) % size
 ops = {"all_sum": lambda x: _first(mpi4jax.allreduce(x, op=MPI.SUM, comm=comm)),
-       "all_gather": lambda x: _first(mpi4jax.allgather(x, comm=comm)).reshape(-1)}
+       "all_gather": lambda x: _first(mpi4jax.allgather(x, comm=comm)).reshape(-1),
+       "all_to_all": lambda x: _first(mpi4jax.alltoall(x.reshape(size, -1), comm=comm)).reshape(-1),
+       "sendrecv": lambda x: _first(mpi4jax.sendrecv(x, x, source=left, dest=right, comm=comm))}
 # mpi4jax has no reduce_scatter: sum_scatter is reported as unsupported.
 
 ctl = Control(control_port(), rank, size)

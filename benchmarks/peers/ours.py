@@ -15,9 +15,11 @@ from jax_cases import JaxImpl  # noqa: E402
 group = dist.init(strict=True, backend=os.environ.get("BENCH_BACKEND", "any"))
 ctl = Control(control_port(), group.rank(), group.size())
 ctl.hello()
-serve(JaxImpl(group.rank(), group.size(),
-              {"all_sum": dist.all_sum, "all_gather": dist.all_gather,
-               "sum_scatter": dist.sum_scatter},
+right, left = (group.rank() + 1) % group.size(), (group.rank() - 1) % group.size()
+ops = {"all_sum": dist.all_sum, "all_gather": dist.all_gather, "sum_scatter": dist.sum_scatter}
+if hasattr(dist, "all_to_all"):  # builds before these ops ran as "ours-before"
+    ops.update(all_to_all=dist.all_to_all, sendrecv=lambda x: dist.sendrecv(x, right, left))
+serve(JaxImpl(group.rank(), group.size(), ops,
               barrier=dist.barrier,
               # BENCH_DISPATCH=eager: each op called eagerly; else one dist.jit program per op
               jit=None if os.environ.get("BENCH_DISPATCH") == "eager"

@@ -50,8 +50,21 @@ def _sum_scatter(x, out):
     return out
 
 
+def _all_to_all(x, out):
+    _unsupported(dist.all_to_all_single, out, x)
+    return out
+
+
+def _sendrecv(x, out):  # a ring pass, as torch's docs pair isend and irecv
+    ops = [dist.P2POp(dist.isend, x, (rank + 1) % size), dist.P2POp(dist.irecv, out, (rank - 1) % size)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
+
+
 OPS = {"all_sum": (_all_sum, lambda c: c), "all_gather": (_all_gather, lambda c: c * size),
-       "sum_scatter": (_sum_scatter, lambda c: c // size)}
+       "sum_scatter": (_sum_scatter, lambda c: c // size), "all_to_all": (_all_to_all, lambda c: c),
+       "sendrecv": (_sendrecv, lambda c: c)}
 
 
 class Case:

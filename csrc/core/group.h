@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/dtype.h"
 
@@ -32,6 +33,12 @@ class StreamOps {
                        uint64_t shape_hash, int tag) = 0;
   virtual void recv_on(void* stream, void* out, size_t count, DType t, int src,
                        uint64_t shape_hash, int tag) = 0;
+  virtual void sendrecv_on(void* stream, const void* in, size_t send_count, int dst,
+                           uint64_t send_hash, void* out, size_t recv_count, int src,
+                           uint64_t recv_hash, DType t, int tag) = 0;
+  virtual void all_to_all_on(void* stream, const void* in, const std::vector<size_t>& send_counts,
+                             void* out, const std::vector<size_t>& recv_counts, DType t,
+                             uint64_t shape_hash) = 0;
   // Waits for the group's work on stream (raising what failed), then a barrier.
   virtual void barrier_on(void* stream) = 0;
 };
@@ -57,6 +64,16 @@ class Group {
   virtual void send(const void* in, size_t count, DType t, int dst, uint64_t shape_hash,
                     int tag) = 0;
   virtual void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) = 0;
+  // Sends in to dst and receives out from src at once (as MPI_Sendrecv); it pairs with a
+  // plain recv on dst and a plain send on src. By default a send then a recv: right where
+  // sends never wait for their receiver.
+  virtual void sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash, void* out,
+                        size_t recv_count, int src, uint64_t recv_hash, DType t, int tag);
+  // in: size() blocks in rank order, block p (send_counts[p] elements) for rank p; out: the
+  // blocks every rank sent to this one, in rank order (recv_counts[p] elements from rank p).
+  // By default composed of sends and recvs (the backends override it with one exchange).
+  virtual void all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,
+                          const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash);
   virtual void barrier() = 0;
   // Collective over this group; ranks of one color form a new group ordered by (key, rank).
   virtual std::shared_ptr<Group> split(int color, int key) = 0;
@@ -96,6 +113,25 @@ class Group {
   void recv(void* out, size_t count, DType t, int src, uint64_t shape_hash, int tag) override;  \
   void barrier() override;                                                                      \
   std::shared_ptr<Group> split(int color, int key) override;
+
+// all_to_all's byte offsets of every rank's block (size + 1 entries each); throws unless this
+// rank keeps as much of its own block as it expects.
+struct BlockOffsets {
+  std::vector<size_t> send_at, recv_at;
+};
+BlockOffsets block_offsets(const std::vector<size_t>& send_counts,
+                           const std::vector<size_t>& recv_counts, size_t es, int me);
+// The same, once this rank's own block is copied from in to out (host memory).
+BlockOffsets keep_own_block(const void* in, const std::vector<size_t>& send_counts, void* out,
+                            const std::vector<size_t>& recv_counts, size_t es, int me);
+
+// The exchanges a backend runs natively instead of Group's composition of sends and recvs.
+#define MLXDIST_EXCHANGE_OPS                                                                    \
+  void sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash, void* out,      \
+                size_t recv_count, int src, uint64_t recv_hash, DType t, int tag) override;     \
+  void all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,            \
+                  const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash)         \
+      override;
 
 // A splitmix64 step: group ids derived the same way agree on every rank.
 inline uint64_t mix_ids(uint64_t a, uint64_t b) {

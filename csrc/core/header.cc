@@ -18,6 +18,7 @@ std::string describe_as(const Header& h, const char* p2p) {
     case OpCode::kBarrier: os << "barrier"; break;
     case OpCode::kSplit: os << "split"; break;
     case OpCode::kSetup: os << "group set-up"; break;
+    case OpCode::kAllToAll: os << "all_to_all"; break;
     default: os << "op#" << std::to_string(int(h.op));
   }
   os << "(" << dtype_name(h.dtype) << ", " << std::to_string(h.nbytes) << " bytes, shape#"

@@ -13,7 +13,7 @@
 namespace mlxdist {
 
 enum class OpCode : uint8_t {
-  kAllReduce = 1, kAllGather, kReduceScatter, kSend, kBarrier, kSplit, kSetup
+  kAllReduce = 1, kAllGather, kReduceScatter, kSend, kBarrier, kSplit, kSetup, kAllToAll
 };
 
 constexpr uint32_t kHeaderMagic = 0x4d4c5844;  // "MLXD"

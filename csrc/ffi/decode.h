@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "core/dtype.h"
 #include "xla/ffi/api/ffi.h"
@@ -36,6 +37,26 @@ inline uint64_t shape_hash(xla::ffi::Span<const int64_t> dims) {
   uint64_t h = 0xcbf29ce484222325ull ^ dims.size();  // FNV-1a over rank and extents
   for (int64_t d : dims) h = (h ^ uint64_t(d)) * 0x100000001b3ull;
   return h;
+}
+
+// Rows of axis 0 (all_to_all's sizes) as element counts, rows of `row` elements each.
+inline std::vector<size_t> row_counts(xla::ffi::Span<const int64_t> rows, size_t row) {
+  std::vector<size_t> out;
+  for (int64_t r : rows) out.push_back(size_t(r) * row);
+  return out;
+}
+
+// A shape without its first extent: all_to_all's blocks may differ in rows, never in the rest.
+inline uint64_t row_shape_hash(xla::ffi::Span<const int64_t> dims) {
+  uint64_t h = 0xcbf29ce484222325ull ^ dims.size();
+  for (size_t i = 1; i < dims.size(); ++i) h = (h ^ uint64_t(dims[i])) * 0x100000001b3ull;
+  return h;
+}
+
+inline size_t row_elements(xla::ffi::Span<const int64_t> dims) {
+  size_t n = 1;
+  for (size_t i = 1; i < dims.size(); ++i) n *= size_t(dims[i]);
+  return n;
 }
 
 }  // namespace mlxdist::ffi_handlers

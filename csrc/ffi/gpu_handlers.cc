@@ -175,6 +175,44 @@ ffi::Error Recv(void* stream, ffi::Token, ffi::Result<ffi::AnyBuffer> y, ffi::Re
   });
 }
 
+ffi::Error SendRecv(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                    ffi::Result<ffi::Token>, int64_t group, int64_t dst, int64_t src, int64_t tag) {
+  const DType t = to_dtype(x.element_type());
+  const size_t send_count = x.element_count(), recv_count = y->element_count();
+  const uint64_t hs = shape_hash(x.dimensions()), hr = shape_hash(y->dimensions());
+  const void* d_in = x.untyped_data();
+  void* d_out = y->untyped_data();
+  return guarded(group, "sendrecv", t == DType::kCount ? t : DType::kUInt8, ReduceOp::kSum,
+                 [&](Target& tg) {
+    if (tg.streams)
+      return tg.streams->sendrecv_on(stream, d_in, send_count, int(dst), hs, d_out, recv_count,
+                                     int(src), hr, t, int(tag));
+    gpu::staged(stream, *tg.engine, group, "sendrecv", d_in, x.size_bytes(), d_out,
+                y->size_bytes(), false, [=](Group& g, void* in, void* out) {
+                  g.sendrecv(in, send_count, int(dst), hs, out, recv_count, int(src), hr, t, int(tag));
+                });
+  });
+}
+
+ffi::Error AllToAll(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                    ffi::Result<ffi::Token>, int64_t group, ffi::Span<const int64_t> send_sizes,
+                    ffi::Span<const int64_t> recv_sizes) {
+  const DType t = to_dtype(x.element_type());
+  const size_t row = row_elements(x.dimensions());
+  const auto sends = row_counts(send_sizes, row), recvs = row_counts(recv_sizes, row);
+  const uint64_t h = row_shape_hash(x.dimensions());
+  const void* d_in = x.untyped_data();
+  void* d_out = y->untyped_data();
+  return guarded(group, "all_to_all", t == DType::kCount ? t : DType::kUInt8, ReduceOp::kSum,
+                 [&](Target& tg) {
+    if (tg.streams) return tg.streams->all_to_all_on(stream, d_in, sends, d_out, recvs, t, h);
+    gpu::staged(stream, *tg.engine, group, "all_to_all", d_in, x.size_bytes(), d_out,
+                y->size_bytes(), false, [=](Group& g, void* in, void* out) {
+                  g.all_to_all(in, sends, out, recvs, t, h);
+                });
+  });
+}
+
 ffi::Error Barrier(void* stream, ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
   return guarded(group, "barrier", DType::kUInt8, ReduceOp::kSum, [&](Target& tg) {
     if (tg.streams) return tg.streams->barrier_on(stream);  // waits for the group's work first

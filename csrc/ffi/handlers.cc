@@ -98,6 +98,33 @@ ffi::Future Recv(ffi::Token, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Tok
               [=](Group& g) { g.recv(out, count, t, int(src), h, int(tag)); });
 }
 
+ffi::Future SendRecv(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Result<ffi::Token>, int64_t group, int64_t dst, int64_t src, int64_t tag) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount || to_dtype(y->element_type()) != t)
+    return failed("sendrecv: unsupported dtype");
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  size_t send_count = x.element_count(), recv_count = y->element_count();
+  uint64_t hs = shape_hash(x.dimensions()), hr = shape_hash(y->dimensions());
+  return post(group, "sendrecv", [=](Group& g) {
+    g.sendrecv(in, send_count, int(dst), hs, out, recv_count, int(src), hr, t, int(tag));
+  });
+}
+
+ffi::Future AllToAll(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Result<ffi::Token>, int64_t group, ffi::Span<const int64_t> send_sizes,
+                     ffi::Span<const int64_t> recv_sizes) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return failed("all_to_all: unsupported dtype");
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  const size_t row = row_elements(x.dimensions());
+  auto sends = row_counts(send_sizes, row), recvs = row_counts(recv_sizes, row);
+  uint64_t h = row_shape_hash(x.dimensions());
+  return post(group, "all_to_all", [=](Group& g) { g.all_to_all(in, sends, out, recvs, t, h); });
+}
+
 ffi::Future Barrier(ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
   return post(group, "barrier", [](Group& g) { g.barrier(); });
 }

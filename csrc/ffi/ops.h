@@ -23,5 +23,14 @@
   X(Recv, "mlxdist_recv",                                                                      \
     .Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>().Ret<xla::ffi::Token>()                  \
         .Attr<int64_t>("group").Attr<int64_t>("src").Attr<int64_t>("tag"))                    \
+  X(SendRecv, "mlxdist_sendrecv",                                                              \
+    .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()              \
+        .Ret<xla::ffi::Token>().Attr<int64_t>("group").Attr<int64_t>("dst")                   \
+        .Attr<int64_t>("src").Attr<int64_t>("tag"))                                           \
+  X(AllToAll, "mlxdist_all_to_all",                                                            \
+    .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()              \
+        .Ret<xla::ffi::Token>().Attr<int64_t>("group")                                        \
+        .Attr<xla::ffi::Span<const int64_t>>("send_sizes")                                    \
+        .Attr<xla::ffi::Span<const int64_t>>("recv_sizes"))                                   \
   X(Barrier, "mlxdist_barrier",                                                                \
     .Arg<xla::ffi::Token>().Ret<xla::ffi::Token>().Attr<int64_t>("group"))

@@ -25,7 +25,7 @@ struct Cuda {
   int (*EventSynchronize)(void* event);
 };
 
-constexpr int kHostToDevice = 1, kDeviceToHost = 2;
+constexpr int kHostToDevice = 1, kDeviceToHost = 2, kDeviceToDevice = 3;
 constexpr int kNotReady = 600;            // cudaErrorNotReady
 constexpr unsigned kDisableTiming = 2;     // cudaEventDisableTiming
 

@@ -113,6 +113,27 @@ void JacclGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_
   jaccl::recv(*mesh_, h, static_cast<char*>(out), bytes, src);
 }
 
+void JacclGroup::sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash,
+                          void* out, size_t recv_count, int src, uint64_t recv_hash, DType t,
+                          int tag) {
+  check_peer(dst, "destination");
+  check_peer(src, "source");
+  const size_t es = dtype_size(t);
+  const Header send_h = calls_.send(t, send_count * es, send_hash, dst, tag);
+  const Header recv_h = calls_.recv(t, recv_count * es, recv_hash, src, tag);
+  jaccl::sendrecv(*mesh_, send_h, static_cast<const char*>(in), send_count * es, dst, recv_h,
+                  static_cast<char*>(out), recv_count * es, src);
+}
+
+void JacclGroup::all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,
+                            const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash) {
+  if (ring_) return ring_->all_to_all(in, send_counts, out, recv_counts, t, shape_hash);
+  const Header h = calls_.collective(OpCode::kAllToAll, t, ReduceOp::kSum, 0, shape_hash);
+  const auto b = keep_own_block(in, send_counts, out, recv_counts, dtype_size(t), rank());
+  jaccl::all_to_all(*mesh_, h, static_cast<const char*>(in), b.send_at, static_cast<char*>(out),
+                    b.recv_at);
+}
+
 void JacclGroup::barrier() {
   if (ring_) return ring_->barrier();
   const Header h = calls_.collective(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0);

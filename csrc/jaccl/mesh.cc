@@ -184,7 +184,8 @@ void Mesh::run_until(std::vector<Flow>& flows, bool ordered, Deadline idle_until
                  " but got ", len, " bytes of payload (the ranks are out of step)");
           Header theirs;
           std::memcpy(&theirs, src, sizeof(Header));
-          check_header(f.header, theirs, me_name_, qp_.describe_peer(f.peer));
+          check_header(f.expects_other ? f.expected : f.header, theirs, me_name_,
+                       qp_.describe_peer(f.peer));
           fs.header_seen = true;
         } else {
           if (ordered && !may_land(i)) break;
@@ -369,6 +370,32 @@ void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst) {
   flows[0].send = {Segment{const_cast<char*>(in), bytes}};
   flows[0].receives = false;
   flows[0].background = true;  // returns once its messages are posted or copied
+  m.run(flows, false);
+}
+
+void sendrecv(Mesh& m, const Header& send_h, const char* in, size_t send_bytes, int dst,
+              const Header& recv_h, char* out, size_t recv_bytes, int src) {
+  std::vector<Flow> flows{flow_with(dst, send_h), flow_with(src, recv_h)};
+  flows[0].send = {Segment{const_cast<char*>(in), send_bytes}};
+  flows[0].receives = false;
+  flows[1].recv = {Segment{out, recv_bytes}};
+  flows[1].sends = false;
+  m.run(flows, false);
+}
+
+void all_to_all(Mesh& m, const Header& h, const char* in, const std::vector<size_t>& send_at,
+                char* out, const std::vector<size_t>& recv_at) {
+  auto flows = to_everyone(m, h);
+  for (Flow& f : flows) {
+    const size_t out_bytes = send_at[f.peer + 1] - send_at[f.peer];
+    const size_t in_bytes = recv_at[f.peer + 1] - recv_at[f.peer];
+    f.header.nbytes = out_bytes;
+    f.expects_other = true;
+    f.expected = h;
+    f.expected.nbytes = in_bytes;
+    f.send = {Segment{const_cast<char*>(in) + send_at[f.peer], out_bytes}};
+    f.recv = {Segment{out + recv_at[f.peer], in_bytes}};
+  }
   m.run(flows, false);
 }
 

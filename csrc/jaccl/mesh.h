@@ -20,7 +20,9 @@ namespace mlxdist::jaccl {
 // What one op moves between this rank and one peer, in order.
 struct Flow {
   int peer = 0;
-  Header header;              // sent first; the peer's must match it
+  Header header;              // sent first; the peer's must match it (or `expected`'s)
+  bool expects_other = false;  // the peer's header differs from ours (uneven all_to_all)
+  Header expected;
   std::vector<Segment> send;  // the byte streams' vocabulary (core/transfer.h): a receive
   std::vector<Segment> recv;  // segment's on_done runs once it landed
   bool sends = true, receives = true;  // whether each direction runs (send/recv use one)
@@ -77,5 +79,11 @@ void reduce_scatter(Mesh& m, const Header& h, const char* in, char* out, size_t 
                     ReduceOp op);
 void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst);
 void recv(Mesh& m, const Header& h, char* out, size_t bytes, int src);
+void sendrecv(Mesh& m, const Header& send_h, const char* in, size_t send_bytes, int dst,
+              const Header& recv_h, char* out, size_t recv_bytes, int src);
+// send_at/recv_at: byte offsets of each rank's block (size + 1 entries); the own block is the
+// caller's to copy.
+void all_to_all(Mesh& m, const Header& h, const char* in, const std::vector<size_t>& send_at,
+                char* out, const std::vector<size_t>& recv_at);
 
 }  // namespace mlxdist::jaccl

@@ -14,6 +14,8 @@ namespace {
 // 2 * tag and 2 * tag + 1 for tags below 256; MPI guarantees tags up to 32767).
 constexpr int kFarewellTag = 32000;
 constexpr size_t kFarewellBytes = 1024;  // small: sent eagerly, whether or not a peer listens
+// all_to_all's per-pair headers and blocks (non-overtaking per tag keeps calls in order).
+constexpr int kAllToAllTag = 31000;
 
 // Our own kernels as MPI ops where MPI's builtins differ from the ring (NaN propagates
 // through max/min, as the ring and numpy do).
@@ -255,6 +257,77 @@ void MpiGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_ha
     check(lib_, lib_.Irecv(out, n, lib_.byte, src, 2 * tag + 1, comm_, &req), "MPI_Irecv");
   }
   wait(req, "recv from " + peer);
+}
+
+void MpiGroup::sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash, void* out,
+                        size_t recv_count, int src, uint64_t recv_hash, DType t, int tag) {
+  check_peer(dst, "destination");
+  check_peer(src, "source");
+  reap();
+  const size_t es = dtype_size(t);
+  const Header send_h = calls_.send(t, send_count * es, send_hash, dst, tag);
+  const Header mine = calls_.recv(t, recv_count * es, recv_hash, src, tag);
+  Header theirs;
+  Handle reqs[4] = {nullptr, nullptr, nullptr, nullptr};
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    check(lib_, lib_.Isend(&send_h, sizeof(Header), lib_.byte, dst, 2 * tag, comm_, &reqs[0]), "MPI_Isend");
+    check(lib_, lib_.Isend(in, as_count(send_h.nbytes, "MPI_Isend"), lib_.byte, dst, 2 * tag + 1,
+                           comm_, &reqs[1]), "MPI_Isend");
+    check(lib_, lib_.Irecv(&theirs, sizeof(Header), lib_.byte, src, 2 * tag, comm_, &reqs[2]),
+          "MPI_Irecv");
+  }
+  const std::string from = "sendrecv from rank " + std::to_string(src);
+  wait(reqs[2], from);
+  check_header(mine, theirs, "this rank", "rank " + std::to_string(src));
+  {
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    check(lib_, lib_.Irecv(out, as_count(mine.nbytes, "MPI_Irecv"), lib_.byte, src, 2 * tag + 1,
+                           comm_, &reqs[3]), "MPI_Irecv");
+  }
+  wait(reqs[3], from);
+  const std::string to = "sendrecv to rank " + std::to_string(dst);
+  wait(reqs[0], to);
+  wait(reqs[1], to);
+}
+
+void MpiGroup::all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,
+                          const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash) {
+  reap();
+  const Header h = calls_.collective(OpCode::kAllToAll, t, ReduceOp::kSum, 0, shape_hash);
+  agree(h);  // every rank is in this all_to_all (not another op)
+  const auto b = keep_own_block(in, send_counts, out, recv_counts, dtype_size(t), rank_);
+  // Each pair's header carries its own message's bytes, checked before the blocks move.
+  std::vector<Header> sent(size_, h), got(size_);
+  std::vector<Handle> reqs;
+  reqs.reserve(4 * size_t(size_));
+  auto post = [&](auto&& call, const char* name) {
+    reqs.push_back(nullptr);
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    check(lib_, call(&reqs.back()), name);
+  };
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    sent[p].nbytes = b.send_at[p + 1] - b.send_at[p];
+    post([&](Handle* r) { return lib_.Irecv(&got[p], sizeof(Header), lib_.byte, p, kAllToAllTag, comm_, r); }, "MPI_Irecv");
+    post([&](Handle* r) { return lib_.Isend(&sent[p], sizeof(Header), lib_.byte, p, kAllToAllTag, comm_, r); }, "MPI_Isend");
+  }
+  for (auto& r : reqs) wait(r, "all_to_all (headers)");
+  reqs.clear();
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    Header expected = h;
+    expected.nbytes = b.recv_at[p + 1] - b.recv_at[p];
+    check_header(expected, got[p], "this rank", "rank " + std::to_string(p));
+  }
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    const int in_n = as_count(b.recv_at[p + 1] - b.recv_at[p], "MPI_Irecv");
+    const int out_n = as_count(b.send_at[p + 1] - b.send_at[p], "MPI_Isend");
+    post([&](Handle* r) { return lib_.Irecv(static_cast<char*>(out) + b.recv_at[p], in_n, lib_.byte, p, kAllToAllTag + 1, comm_, r); }, "MPI_Irecv");
+    post([&](Handle* r) { return lib_.Isend(static_cast<const char*>(in) + b.send_at[p], out_n, lib_.byte, p, kAllToAllTag + 1, comm_, r); }, "MPI_Isend");
+  }
+  for (auto& r : reqs) wait(r, "all_to_all");
 }
 
 void MpiGroup::barrier() {

@@ -28,6 +28,7 @@ class MpiGroup : public Group {
   const char* backend() const override { return "mpi"; }
 
   MLXDIST_GROUP_OPS  // core/group.h
+  MLXDIST_EXCHANGE_OPS
   void abort(const std::string& why) override;
   void close() override;
   bool sending() const override { return !outbox_.empty(); }

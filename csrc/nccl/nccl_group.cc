@@ -388,6 +388,74 @@ void NcclGroup::recv_on(void* stream, void* out, size_t count, DType t, int src,
   });
 }
 
+// One NCCL group: the send and the recv progress together, so neither waits for the other.
+void NcclGroup::sendrecv_on(void* stream, const void* in, size_t send_count, int dst,
+                            uint64_t send_hash, void* out, size_t recv_count, int src,
+                            uint64_t recv_hash, DType t, int tag) {
+  check_peer(dst, "destination");
+  check_peer(src, "source");
+  guarded([&] {
+    const size_t es = dtype_size(t);
+    const Header hs = calls_.send(t, send_count * es, send_hash, dst, tag);
+    const Header hr = calls_.recv(t, recv_count * es, recv_hash, src, tag);
+    if (opts_.check) {
+      Header theirs;
+      control_->sendrecv(&hs, sizeof(Header), dst, 0, &theirs, sizeof(Header), src, 0,
+                         DType::kUInt8, tag);
+      check_header(hr, theirs, "this rank", control_->describe_peer(src));
+    }
+    enqueue(stream, describe(hr), "ncclSend/ncclRecv", [&](Comm c) {
+      int rc = lib_.GroupStart();
+      if (rc == 0) rc = lib_.Send(in, hs.nbytes, kUInt8, dst, c, stream);
+      if (rc == 0) rc = lib_.Recv(out, hr.nbytes, kUInt8, src, c, stream);
+      int end = lib_.GroupEnd();
+      return rc ? rc : end;
+    });
+  });
+}
+
+// Grouped sends and receives with every peer (NCCL has no uneven all-to-all of its own).
+void NcclGroup::all_to_all_on(void* stream, const void* in, const std::vector<size_t>& send_counts,
+                              void* out, const std::vector<size_t>& recv_counts, DType t,
+                              uint64_t shape_hash) {
+  guarded([&] {
+    const int n = size(), me = rank();
+    const size_t es = dtype_size(t);
+    const Header h = calls_.collective(OpCode::kAllToAll, t, ReduceOp::kSum, 0, shape_hash);
+    agree(h);
+    const BlockOffsets b = block_offsets(send_counts, recv_counts, es, me);
+    const std::vector<size_t>&send_at = b.send_at, &recv_at = b.recv_at;
+    if (opts_.check) {  // each pair's sizes, before any byte moves
+      std::vector<Header> sent(n, h), got(n, h);
+      for (int p = 0; p < n; ++p) sent[p].nbytes = send_at[p + 1] - send_at[p];
+      std::vector<size_t> one(n, sizeof(Header));
+      control_->all_to_all(sent.data(), one, got.data(), one, DType::kUInt8, 0);
+      for (int p = 0; p < n; ++p) {
+        Header expected = h;
+        expected.nbytes = recv_at[p + 1] - recv_at[p];
+        if (p != me) check_header(expected, got[p], "this rank", control_->describe_peer(p));
+      }
+    }
+    gpu::check(gpu::cuda().MemcpyAsync(static_cast<char*>(out) + recv_at[me],
+                                       static_cast<const char*>(in) + send_at[me],
+                                       send_at[me + 1] - send_at[me], gpu::kDeviceToDevice, stream),
+               "cudaMemcpyAsync");
+    enqueue(stream, describe(h), "ncclSend/ncclRecv", [&](Comm c) {
+      int rc = lib_.GroupStart();
+      for (int p = 0; p < n && rc == 0; ++p) {
+        if (p == me) continue;
+        rc = lib_.Send(static_cast<const char*>(in) + send_at[p], send_at[p + 1] - send_at[p],
+                       kUInt8, p, c, stream);
+        if (rc == 0)
+          rc = lib_.Recv(static_cast<char*>(out) + recv_at[p], recv_at[p + 1] - recv_at[p],
+                         kUInt8, p, c, stream);
+      }
+      int end = lib_.GroupEnd();
+      return rc ? rc : end;
+    });
+  });
+}
+
 void NcclGroup::barrier_on(void* stream) {
   guarded([&] {
     // The watchdog aborts a stalled op at the timeout, after which the stream moves on.

@@ -60,6 +60,12 @@ class NcclGroup : public Group, public StreamOps {
   void recv_on(void* stream, void* out, size_t count, DType t, int src, uint64_t shape_hash,
                int tag) override;
   // Waits for the group's work on stream (raising what failed), then a barrier on the host.
+  void sendrecv_on(void* stream, const void* in, size_t send_count, int dst, uint64_t send_hash,
+                   void* out, size_t recv_count, int src, uint64_t recv_hash, DType t,
+                   int tag) override;
+  void all_to_all_on(void* stream, const void* in, const std::vector<size_t>& send_counts,
+                     void* out, const std::vector<size_t>& recv_counts, DType t,
+                     uint64_t shape_hash) override;
   void barrier_on(void* stream) override;
 
  private:

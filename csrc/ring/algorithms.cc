@@ -13,13 +13,15 @@ size_t frame_bytes(const Context& ctx, size_t esize) {
   return std::max<size_t>(1, ctx.chunk_bytes / esize) * esize;
 }
 
+// h: the header each frame carries (default: the op's).
 void add_send(std::vector<Transfer>& ts, Context& ctx, int peer, int link, const char* data,
-              size_t bytes, size_t chunk) {
+              size_t bytes, size_t chunk, const Header* h = nullptr) {
+  if (!h) h = &ctx.header;
   Transfer t{peer, link, true, {}};
   size_t frames = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;  // empty ops still send a header
   for (size_t f = 0; f < frames; ++f) {
     size_t off = f * chunk;
-    t.segments.push_back(Segment{&ctx.header, sizeof(Header), nullptr});
+    t.segments.push_back(Segment{const_cast<Header*>(h), sizeof(Header), nullptr});
     t.segments.push_back(Segment{const_cast<char*>(data) + off, std::min(chunk, bytes - off), nullptr});
   }
   ts.push_back(std::move(t));
@@ -27,12 +29,14 @@ void add_send(std::vector<Transfer>& ts, Context& ctx, int peer, int link, const
 
 using OnChunk = std::function<void(char* data, size_t len)>;
 
-// hdr receives each frame's header; it is checked before the payload is read.
+// hdr receives each frame's header; it is checked against `expect` (default: the op's)
+// before the payload is read.
 void add_recv(std::vector<Transfer>& ts, Context& ctx, int peer, int link, char* dst, size_t bytes,
-              size_t chunk, Header* hdr, const OnChunk& on_chunk) {
+              size_t chunk, Header* hdr, const OnChunk& on_chunk, const Header* expect = nullptr) {
+  if (!expect) expect = &ctx.header;
   Transfer t{peer, link, false, {}};
   std::string peer_name = ctx.links.describe_peer(peer);
-  auto check = [&ctx, hdr, peer_name] { check_header(ctx.header, *hdr, ctx.me, peer_name); };
+  auto check = [&ctx, hdr, expect, peer_name] { check_header(*expect, *hdr, ctx.me, peer_name); };
   size_t frames = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;
   for (size_t f = 0; f < frames; ++f) {
     size_t off = f * chunk, len = std::min(chunk, bytes - off);
@@ -152,6 +156,36 @@ void send(Context& ctx, const void* buf, size_t bytes, int dst) {
   add_send(ts, ctx, dst, 0, static_cast<const char*>(buf), bytes, std::max<size_t>(bytes, 1));
   ts.back().background = true;  // what the transport cannot take now moves on after the op
   ctx.links.run(ts, Clock::now());
+}
+
+void sendrecv(Context& ctx, const Header& send_h, const void* in, size_t send_bytes, int dst,
+              const Header& recv_h, void* out, size_t recv_bytes, int src) {
+  std::vector<Transfer> ts;
+  Header hdr;
+  add_send(ts, ctx, dst, 0, static_cast<const char*>(in), send_bytes,
+           std::max<size_t>(send_bytes, 1), &send_h);
+  add_recv(ts, ctx, src, 0, static_cast<char*>(out), recv_bytes, std::max<size_t>(recv_bytes, 1),
+           &hdr, nullptr, &recv_h);
+  run_step(ctx, ts);
+}
+
+void all_to_all(Context& ctx, const char* in, const std::vector<size_t>& send_at, char* out,
+                const std::vector<size_t>& recv_at) {
+  const int n = ctx.size, me = ctx.rank;
+  // Each pair's header carries the bytes of its own message, so uneven splits that do not
+  // match what the peer expects fail on both sides, naming both calls.
+  std::vector<Header> sent(n, ctx.header), expected(n, ctx.header), got(n);
+  std::vector<Transfer> ts;
+  for (int k = 1; k < n; ++k) {  // every pair at once: each has its own connection
+    const int to = (me + k) % n, from = (me - k + n) % n;
+    const size_t out_bytes = send_at[to + 1] - send_at[to], in_bytes = recv_at[from + 1] - recv_at[from];
+    sent[to].nbytes = out_bytes;
+    expected[from].nbytes = in_bytes;
+    add_send(ts, ctx, to, 0, in + send_at[to], out_bytes, std::max<size_t>(out_bytes, 1), &sent[to]);
+    add_recv(ts, ctx, from, 0, out + recv_at[from], in_bytes, std::max<size_t>(in_bytes, 1),
+             &got[from], nullptr, &expected[from]);
+  }
+  run_step(ctx, ts);
 }
 
 void recv(Context& ctx, void* buf, size_t bytes, int src) {

@@ -43,5 +43,12 @@ void all_gather(Context& ctx, char* buf, size_t esize, const Layout& layout);
 // could at once; the links (an Outbox) keep the rest and move it during later runs.
 void send(Context& ctx, const void* buf, size_t bytes, int dst);
 void recv(Context& ctx, void* buf, size_t bytes, int src);
+// Both at once, each with its own header (a send's to dst, a recv's from src).
+void sendrecv(Context& ctx, const Header& send_h, const void* in, size_t send_bytes, int dst,
+              const Header& recv_h, void* out, size_t recv_bytes, int src);
+// Every pair at once; send_at/recv_at: byte offsets of each rank's block (size + 1 entries).
+// The own block is the caller's to copy.
+void all_to_all(Context& ctx, const char* in, const std::vector<size_t>& send_at, char* out,
+                const std::vector<size_t>& recv_at);
 
 }  // namespace mlxdist::ring

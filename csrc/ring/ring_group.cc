@@ -182,6 +182,26 @@ void RingGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_h
   ring::recv(ctx, out, bytes, src);
 }
 
+void RingGroup::sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash,
+                         void* out, size_t recv_count, int src, uint64_t recv_hash, DType t,
+                         int tag) {
+  check_peer(dst, "destination");
+  check_peer(src, "source");
+  const size_t es = dtype_size(t);
+  const Header send_h = calls_.send(t, send_count * es, send_hash, dst, tag);
+  const Header recv_h = calls_.recv(t, recv_count * es, recv_hash, src, tag);
+  Context ctx(*this, recv_h);
+  ring::sendrecv(ctx, send_h, in, send_count * es, dst, recv_h, out, recv_count * es, src);
+}
+
+void RingGroup::all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,
+                           const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash) {
+  Context ctx(*this, calls_.collective(OpCode::kAllToAll, t, ReduceOp::kSum, 0, shape_hash));
+  const auto b = keep_own_block(in, send_counts, out, recv_counts, dtype_size(t), rank_);
+  prefault(out, b.recv_at.back());
+  ring::all_to_all(ctx, static_cast<const char*>(in), b.send_at, static_cast<char*>(out), b.recv_at);
+}
+
 void RingGroup::barrier() {
   // An empty all-gather: a rank leaves only after hearing (through the ring) from every rank.
   Context ctx(*this, calls_.collective(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0));

@@ -19,16 +19,18 @@ from jax_mlxdist._ops import (
     all_min,
     all_prod,
     all_sum,
+    all_to_all,
     barrier,
     recv,
     recv_like,
     send,
+    sendrecv,
     sum_scatter,
 )
 
 __all__ = [
     "DistributedError", "Group", "all_gather", "all_max", "all_min", "all_prod", "all_sum",
-    "barrier", "init", "is_available", "is_distributed_error", "jit", "recv", "recv_like", "send",
-    "sum_scatter",
+    "all_to_all", "barrier", "init", "is_available", "is_distributed_error", "jit", "recv",
+    "recv_like", "send", "sendrecv", "sum_scatter",
 ]
 __version__ = "0.1.0"

@@ -190,6 +190,69 @@ def recv_like(x, src: int, *, group: Group | None = None):
     return _bind(P.recv_p, x, group=g._handle, src=src, tag=0)
 
 
+def sendrecv(x, dst: int, src: int, *, group: Group | None = None, like=None):
+    """Send x to rank dst and receive from rank src in one op (as MPI_Sendrecv, or one step
+    of lax.ppermute); returns what src sent, shaped like `like` (default: like x).
+
+    It pairs with a plain recv on dst and a plain send on src. The gradient sends the
+    cotangent back the other way.
+    """
+    g = _resolve(group, "sendrecv")
+    x = _array(x, "sendrecv")
+    dst = _peer(g, dst, "sendrecv", "destination")
+    src = _peer(g, src, "sendrecv", "source")
+    like = x if like is None else _array(like, "sendrecv")
+    return _bind(P.sendrecv_p, x, like, group=g._handle, dst=dst, src=src, tag=0)
+
+
+def _sizes(sizes, n: int, rows: int, what: str) -> tuple:
+    if sizes is None:
+        if rows % n:
+            raise DistributedError(f"all_to_all: the first dimension ({rows}) must be divisible "
+                                   f"by the group size {n}, or give {what}=")
+        return (rows // n,) * n
+    try:
+        sizes = tuple(operator.index(s) for s in sizes)
+    except TypeError:
+        raise DistributedError(f"all_to_all: {what} must be ints, got {sizes!r}") from None
+    if len(sizes) != n or any(s < 0 for s in sizes):
+        raise DistributedError(f"all_to_all: {what} must be {n} sizes >= 0 (one per rank), "
+                               f"got {sizes}")
+    return sizes
+
+
+def all_to_all(x, *, group: Group | None = None, split_sizes=None, recv_sizes=None):
+    """Axis 0 of x split in size() blocks, block i sent to rank i; returns the blocks every
+    rank sent here, concatenated on axis 0 in rank order (as lax.all_to_all with
+    split_axis=concat_axis=0, or torch's all_to_all_single).
+
+    Uneven blocks: split_sizes (rows sent to each rank) and recv_sizes (rows received from
+    each rank), static ints as torch takes them; recv_sizes is needed whenever split_sizes is
+    given (the output's shape must be known while tracing). Its gradient is the reverse
+    all_to_all.
+    """
+    g = _resolve(group, "all_to_all")
+    x = _array(x, "all_to_all")
+    if x.ndim == 0:
+        raise DistributedError("all_to_all: expected an array with a first dimension, got a scalar")
+    n = g.size()
+    if split_sizes is not None and recv_sizes is None:
+        raise DistributedError("all_to_all: split_sizes= needs recv_sizes= (how many rows each "
+                               "rank sends here), as the output's shape must be known while tracing")
+    send = _sizes(split_sizes, n, x.shape[0], "split_sizes")
+    if sum(send) != x.shape[0]:
+        raise DistributedError(f"all_to_all: split_sizes {send} add up to {sum(send)}, but the "
+                               f"first dimension is {x.shape[0]}")
+    recv = send if recv_sizes is None else _sizes(recv_sizes, n, x.shape[0], "recv_sizes")
+    if recv[g.rank()] != send[g.rank()]:
+        raise DistributedError(f"all_to_all: this rank ({g.rank()}) keeps {send[g.rank()]} rows "
+                               f"of its own but recv_sizes expects {recv[g.rank()]}")
+    if n == 1:
+        return x
+    return _bind(P.all_to_all_p, x, group=g._handle, send_sizes=send, recv_sizes=recv,
+                 rank=g.rank(), size=n)
+
+
 def sum_gradients(group: Group | None = None):
     """A function that is the identity forward and all_sums the cotangent backward (as MLX's
     nn.layers.distributed.sum_gradients); jax_mlxdist.nn exports it.

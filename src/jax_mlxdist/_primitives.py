@@ -65,19 +65,22 @@ for _name, _capsule in _C.ffi_targets("cuda").items():
 def _lowering(target: str, attrs, *, operands: bool = True, **lowering_args):
     """An FFI lowering that threads the effect's token through the call.
 
-    attrs: the params passed to C++; operands=False leaves the array operands out of the call
-    (recv's template only gives its shape to JAX).
+    attrs: the params passed to C++ (ints, or tuples of ints); operands: how many of the array
+    operands the call takes (True: all, False: none); the rest are templates that only give
+    their shape to JAX (recv's, sendrecv's).
     """
+    def attr(v):
+        return np.asarray(v, np.int64) if isinstance(v, tuple) else np.int64(v)
 
     def rule(ctx, *args, **params):
-        avals_in = ctx.avals_in if operands else ()
-        args = args if operands else ()
+        k = len(args) if operands is True else int(operands)
+        avals_in, args = ctx.avals_in[:k], args[:k]
         token = ctx.tokens_in.get(effect)
         ctx_tok = ctx.replace(avals_in=(*avals_in, abstract_token),
                               avals_out=(*ctx.avals_out, abstract_token))
         lower = jax.ffi.ffi_lowering(target, has_side_effect=True, **lowering_args)
         results = list(lower(ctx_tok, *args, token,
-                             **{k: np.int64(params[k]) for k in attrs}))
+                             **{k: attr(params[k]) for k in attrs}))
         ctx.set_tokens_out(mlir.TokenSet({effect: results.pop()}))
         return results
 
@@ -238,6 +241,52 @@ _rules(send_p, jvp=_linear_jvp(send_p), transpose=_send_transpose,
        batch=_elementwise_batch(send_p))
 _rules(recv_p, jvp=_linear_jvp(recv_p), transpose=_recv_transpose,
        batch=_elementwise_batch(recv_p))
+
+
+# --- sendrecv: x to dst, and from src an array like the template --------------------------------
+def _like_template(x, template, **_):
+    return ShapedArray(template.shape, template.dtype, weak_type=template.weak_type)
+
+
+sendrecv_p = _primitive("mlxdist_sendrecv", _like_template, ("group", "dst", "src", "tag"),
+                        operands=1)
+
+
+def _sendrecv_transpose(ct, x, template, *, group, dst, src, tag):
+    # What came from src goes back to it; what went to dst comes back as x's cotangent.
+    like = jnp.zeros(x.aval.shape, x.aval.dtype) if ad.is_undefined_primal(x) else x
+    back = sendrecv_p.bind(_dense(ct), like, group=group, dst=src, src=dst, tag=tag)
+    return [back if ad.is_undefined_primal(x) else None,
+            ad.Zero(template.aval) if ad.is_undefined_primal(template) else None]
+
+
+def _sendrecv_batch(args, dims, **params):
+    # Both in front: every rank vmaps alike, so what arrives is batched as what leaves.
+    x, template = args
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    x, template = (jnp.broadcast_to(a, (size, *a.shape)) if d is None
+                   else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims))
+    return sendrecv_p.bind(x, template, **params), 0
+
+
+_rules(sendrecv_p, jvp=_linear_jvp(sendrecv_p), transpose=_sendrecv_transpose,
+       batch=_sendrecv_batch)
+
+
+# --- all_to_all: axis-0 blocks to every rank, theirs back in rank order -------------------------
+def _exchanged(x, *, recv_sizes, **_):  # sizes count rows of axis 0
+    return ShapedArray((sum(recv_sizes), *x.shape[1:]), x.dtype, weak_type=x.weak_type)
+
+
+all_to_all_p = _primitive("mlxdist_all_to_all", _exchanged, ("group", "send_sizes", "recv_sizes"))
+
+
+def _all_to_all_transpose(ct, x, *, send_sizes, recv_sizes, **params):
+    return [all_to_all_p.bind(_dense(ct), send_sizes=recv_sizes, recv_sizes=send_sizes, **params)]
+
+
+_rules(all_to_all_p, jvp=_linear_jvp(all_to_all_p), transpose=_all_to_all_transpose,
+       batch=_axis0_batch(all_to_all_p))
 
 
 # --- barrier: no operands, nothing to differentiate or batch ------------------------------------
