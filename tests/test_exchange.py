@@ -216,3 +216,14 @@ def test_bad_exchange_arguments_raise():
         assert "add up to" in errs[2], errs
         assert "scalar" in errs[3], errs
         assert "destination" in errs[4], errs
+
+
+def test_expert_parallel_moe_example_matches_single_process():
+    import pathlib
+    import subprocess
+    import sys
+    example = pathlib.Path(__file__).parent.parent / "examples" / "moe.py"
+    out = subprocess.run([sys.executable, "-P", "-m", "jax_mlxdist.launch", "-n", "4", str(example),
+                          "--steps", "20"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(match)" in out.stdout and "4 ranks, one expert each" in out.stdout, out.stdout

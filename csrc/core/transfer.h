@@ -34,6 +34,7 @@ struct Transfer {
   // Sends only: the op may return before this is done (a send never waits for its receiver).
   // run() moves it when it can but does not wait for it; it keeps its place in later runs.
   bool background = false;
+  bool kept = false;        // its memory outlives the op (the outbox's copy): may be lent out
   size_t seg = 0, off = 0;  // progress so far, kept across runs
 
   bool done() const { return seg == segments.size(); }

@@ -179,6 +179,7 @@ void RingGroup::recv(void* out, size_t count, DType t, int src, uint64_t shape_h
   check_peer(src, "source");
   const size_t bytes = count * dtype_size(t);
   Context ctx(*this, calls_.recv(t, bytes, shape_hash, src, tag));
+  prefault(out, bytes);
   ring::recv(ctx, out, bytes, src);
 }
 
@@ -191,6 +192,7 @@ void RingGroup::sendrecv(const void* in, size_t send_count, int dst, uint64_t se
   const Header send_h = calls_.send(t, send_count * es, send_hash, dst, tag);
   const Header recv_h = calls_.recv(t, recv_count * es, recv_hash, src, tag);
   Context ctx(*this, recv_h);
+  prefault(out, recv_count * es);
   ring::sendrecv(ctx, send_h, in, send_count * es, dst, recv_h, out, recv_count * es, src);
 }
 
@@ -273,9 +275,12 @@ void RingGroup::try_shared_memory() {
     return;  // stay on TCP
   }
   std::unique_ptr<tcp::TcpLinks> tcp(static_cast<tcp::TcpLinks*>(links_.release()));
-  links_ = std::make_unique<shm::ShmLinks>(std::move(tcp), rank_, std::move(shared.segments), k,
+  const bool direct = shared.direct;
+  links_ = std::make_unique<shm::ShmLinks>(std::move(tcp), rank_, std::move(shared), k,
                                            opts_.shm_ring_bytes, opts_.timeout_s);
-  if (opts_.verbose) std::cerr << "[jax_mlxdist] " << label() << ": data over shared memory\n";
+  if (opts_.verbose)
+    std::cerr << "[jax_mlxdist] " << label() << ": data over shared memory"
+              << (direct ? " (large messages in one copy)" : "") << "\n";
 }
 
 std::shared_ptr<Group> make_world(int rank, const std::vector<std::vector<std::string>>& hostfile,

@@ -48,6 +48,7 @@ void Outbox::adopt(Transfer& t) {
   // The op's buffers go back to the caller: copy what is still to be sent (the current
   // segment whole, so the transport's view of its offsets is unchanged).
   Pending p{std::move(t), {}, Clock::now()};
+  p.t.kept = true;
   for (size_t s = p.t.seg; s < p.t.segments.size(); ++s) {
     Segment& seg = p.t.segments[s];
     const char* from = static_cast<const char*>(seg.data);

@@ -5,10 +5,12 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -61,9 +63,22 @@ static_assert(sizeof(Doorbell) == 2 * kAlign, "the doorbell heads every segment"
 static_assert(sizeof(Farewell) % kAlign == 0, "the rings stay aligned");
 constexpr size_t kRingsAt = sizeof(Doorbell) + sizeof(Farewell);
 struct ShmLinks::RingHeader {
-  alignas(kAlign) std::atomic<uint64_t> head;  // bytes ever written (producer only)
-  alignas(kAlign) std::atomic<uint64_t> tail;  // bytes ever read (consumer only)
+  alignas(kAlign) std::atomic<uint64_t> head;   // bytes ever written (producer only)
+  alignas(kAlign) std::atomic<uint64_t> tail;   // bytes ever read (consumer only)
+  alignas(kAlign) std::atomic<uint64_t> acked;  // direct reads done (consumer only)
 };
+
+namespace {
+
+// In the ring in place of a large segment's bytes: where the sender holds them.
+struct Descriptor {
+  uint64_t magic;
+  uint64_t address;
+  uint64_t len;
+};
+constexpr uint64_t kDirectMagic = 0x6469726563746d6cull;
+
+}  // namespace
 static_assert(sizeof(std::atomic<uint64_t>) == 8 && std::atomic<uint64_t>::is_always_lock_free,
               "shared counters must be lock-free");
 
@@ -86,17 +101,23 @@ SharedSegments share_segments(int me, int n, size_t bytes, const AllGather& exch
                               const PeerNames& names) {
   SharedSegments out;
   out.segments.resize(n);
+  // What a peer reads to learn whether it can read this process's memory directly.
+  static const uint64_t probe = 0x70726f6265ull;
   std::string mine;
   try {
     out.segments[me] = Mapping::create(bytes);
-    mine = "ok\n" + host_identity() + "\n" + out.segments[me]->name();
+    mine = "ok\n" + host_identity() + "\n" + out.segments[me]->name() + "\n" +
+           std::to_string(getpid()) + " " + std::to_string(reinterpret_cast<uintptr_t>(&probe));
   } catch (const DistError& e) {
     out.why = e.what();
     mine = "no\n" + out.why;
   }
-  // Round 1: every member's host and segment; each pair decides from both records.
+  // Round 1: every member's host, segment and process; each pair decides from both records.
   auto all = exchange(mine);
   const std::string host = host_identity();
+  bool readable = true;  // every peer's memory, through process_vm_readv
+  out.pids.assign(n, 0);
+  out.pids[me] = getpid();
   for (int p = 0; p < n && out.why.empty(); ++p) {
     if (p == me) continue;
     const std::string& rec = all[p];
@@ -104,22 +125,32 @@ SharedSegments share_segments(int me, int n, size_t bytes, const AllGather& exch
       out.why = names(p) + " has no shared memory: " + rec.substr(3);
       break;
     }
-    size_t nl = rec.find('\n', 3);
+    const size_t nl = rec.find('\n', 3), nl2 = rec.find('\n', nl + 1);
     if (rec.substr(3, nl - 3) != host) {
       out.why = names(p) + " runs on another host";
       break;
     }
     try {
-      out.segments[p] = Mapping::open(rec.substr(nl + 1), bytes);
+      out.segments[p] = Mapping::open(rec.substr(nl + 1, nl2 - nl - 1), bytes);
     } catch (const DistError& e) {
       out.why = e.what();
     }
+    char* rest = nullptr;
+    out.pids[p] = int(std::strtol(rec.c_str() + nl2 + 1, &rest, 10));
+    const uintptr_t where = std::strtoull(rest, nullptr, 10);
+    uint64_t seen = 0;
+    iovec local{&seen, sizeof(seen)}, remote{reinterpret_cast<void*>(where), sizeof(seen)};
+    readable = readable && process_vm_readv(out.pids[p], &local, 1, &remote, 1, 0) == 8 &&
+               seen == probe;
   }
-  // Round 2: shared memory only if every pair could.
-  auto oks = exchange(out.why.empty() ? "ok" : out.why);
+  // Round 2: shared memory only if every pair could; one copy only if every pair can.
+  auto oks = exchange(!out.why.empty() ? out.why : readable ? "ok" : "ok, copying");
   if (out.segments[me]) out.segments[me]->unlink();  // nothing stays behind in /dev/shm
-  for (int p = 0; p < n && out.why.empty(); ++p)
-    if (oks[p] != "ok") out.why = names(p) + ": " + oks[p];
+  out.direct = true;
+  for (int p = 0; p < n && out.why.empty(); ++p) {
+    if (oks[p] != "ok" && oks[p] != "ok, copying") out.why = names(p) + ": " + oks[p];
+    out.direct = out.direct && oks[p] == "ok";
+  }
   if (!out.why.empty()) out.segments.clear();
   return out;
 }
@@ -168,11 +199,12 @@ Mapping::~Mapping() {
   munmap(base_, bytes_);
 }
 
-ShmLinks::ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me,
-                   std::vector<std::unique_ptr<Mapping>> segments, int links, size_t ring_bytes,
-                   double timeout_s)
-    : tcp_(std::move(tcp)), me_(me), n_(int(segments.size())), segments_(std::move(segments)),
-      links_(links), ring_bytes_(ring_bytes), timeout_s_(timeout_s) {
+ShmLinks::ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, SharedSegments shared, int links,
+                   size_t ring_bytes, double timeout_s)
+    : tcp_(std::move(tcp)), me_(me), n_(int(shared.segments.size())),
+      segments_(std::move(shared.segments)), links_(links), ring_bytes_(ring_bytes),
+      timeout_s_(timeout_s), direct_(shared.direct), pids_(std::move(shared.pids)),
+      posted_(size_t(n_) * links), acks_seen_(size_t(n_) * links) {
   if (ring_bytes_ % 8 != 0) fail("internal: shared ring size ", ring_bytes_, " is not a multiple of 8");
 }
 
@@ -206,6 +238,79 @@ void ShmLinks::reset(const std::string& why) {
   tcp_->reset(why);
 }
 
+// Both halves copy across the ring's end where they meet it.
+static void ring_copy_in(char* data, size_t ring_bytes, uint64_t pos, const void* from, size_t n) {
+  const size_t at = pos % ring_bytes, first = std::min(n, ring_bytes - at);
+  std::memcpy(data + at, from, first);
+  std::memcpy(data, static_cast<const char*>(from) + first, n - first);
+}
+static void ring_copy_out(const char* data, size_t ring_bytes, uint64_t pos, void* to, size_t n) {
+  const size_t at = pos % ring_bytes, first = std::min(n, ring_bytes - at);
+  std::memcpy(to, data + at, first);
+  std::memcpy(static_cast<char*>(to) + first, data, n - first);
+}
+
+bool ShmLinks::direct_send(Cursor& c, int peer, int link) {
+  const size_t slot = size_t(peer) * links_ + size_t(link);
+  RingHeader* r = ring(peer, me_, link);
+  Segment& s = c.t->segments[c.t->seg];
+  if (posted_[slot] > acks_seen_[slot]) {  // ours is out: done once the receiver acknowledged
+    if (r->acked.load(std::memory_order_acquire) <= acks_seen_[slot]) return false;
+    ++acks_seen_[slot];
+    c.t->off = s.len;
+    return true;
+  }
+  const uint64_t head = aligned(r->head.load(std::memory_order_relaxed));
+  const uint64_t tail = r->tail.load(std::memory_order_acquire);
+  const uint64_t used = head > tail ? head - tail : 0;
+  if (ring_bytes_ - std::min<uint64_t>(used, ring_bytes_) < sizeof(Descriptor)) return false;
+  const Descriptor d{kDirectMagic, reinterpret_cast<uintptr_t>(s.data), s.len};
+  ring_copy_in(reinterpret_cast<char*>(r) + sizeof(RingHeader), ring_bytes_, head, &d, sizeof(d));
+  r->head.store(head + sizeof(d), std::memory_order_release);
+  ++posted_[slot];
+  mailbox(peer)->ring();
+  return true;
+}
+
+bool ShmLinks::direct_recv(Cursor& c, int peer, int link) {
+  RingHeader* r = ring(me_, peer, link);
+  Segment& s = c.t->segments[c.t->seg];
+  const uint64_t tail = aligned(r->tail.load(std::memory_order_relaxed));
+  const uint64_t head = r->head.load(std::memory_order_acquire);
+  if (head < tail + sizeof(Descriptor)) return false;
+  Descriptor d;
+  ring_copy_out(reinterpret_cast<char*>(r) + sizeof(RingHeader), ring_bytes_, tail, &d, sizeof(d));
+  if (d.magic != kDirectMagic || d.len != s.len)
+    fail("expected ", s.len, " bytes from ", describe_peer(peer),
+         " in one piece but the stream is out of step");
+  check_farewell(peer);  // a peer that gave up may no longer hold the bytes
+  // Straight from the sender's memory: into place, or through a landing buffer to combine.
+  const size_t piece = s.combine ? kDirectBytes - kDirectBytes % s.grain : s.len;
+  if (s.combine && landing_.size() < piece) landing_.resize(piece);
+  for (size_t done = 0; done < s.len;) {
+    const size_t want = std::min(piece, s.len - done);
+    char* to = s.combine ? landing_.data() : static_cast<char*>(s.data) + done;
+    for (size_t got = 0; got < want;) {
+      iovec local{to + got, want - got};
+      iovec remote{reinterpret_cast<void*>(d.address + done + got), want - got};
+      const ssize_t n = process_vm_readv(pids_[peer], &local, 1, &remote, 1, 0);
+      if (n <= 0) {
+        check_farewell(peer);
+        fail("cannot read from ", describe_peer(peer), ": ", std::strerror(errno),
+             " (it left during the transfer)");
+      }
+      got += size_t(n);
+    }
+    if (s.combine) s.combine(static_cast<char*>(s.data) + done, landing_.data(), want);
+    done += want;
+  }
+  r->tail.store(tail + sizeof(d), std::memory_order_release);
+  r->acked.store(r->acked.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  mailbox(peer)->ring();  // the sender waits for the acknowledgement
+  c.t->off = s.len;
+  return true;
+}
+
 void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
   // One FIFO per ring (peer, link, direction), as on TCP, so both sides agree on byte order.
   std::map<std::tuple<bool, int, int>, std::vector<Cursor>> queues;
@@ -233,6 +338,20 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         c.settle();
         if (c.done()) { ++h; continue; }
         mlxdist::Segment& s = c.t->segments[c.t->seg];
+        if (direct_ && s.len >= kDirectBytes) {
+          // A background send's memory is the caller's until the outbox keeps a copy: nothing
+          // may point at it before then.
+          const bool may = is_recv || !c.t->background || c.t->kept;
+          if (may && (is_recv ? direct_recv(c, peer, link) : direct_send(c, peer, link))) {
+            progressed = true;
+            continue;
+          }
+          pending = true;
+          waiting_on.push_back(peer);
+          waiting += (waiting.empty() ? "" : ", ") +
+                     std::string(is_recv ? "receiving from " : "sending to ") + describe_peer(peer);
+          break;
+        }
         char* p = static_cast<char*>(s.data) + c.t->off;
         size_t want = s.len - c.t->off;
         RingHeader* r = is_recv ? ring(me_, peer, link) : ring(peer, me_, link);

@@ -83,6 +83,10 @@ class Mapping {
 struct SharedSegments {
   std::vector<std::unique_ptr<Mapping>> segments;  // [p]: rank p's segment, mapped here
   std::string why;                                 // "" when shared memory joins every pair
+  // Whether every member can read every other's memory (process_vm_readv: same user, no
+  // ptrace restriction), and their process ids: large messages then cross in one copy.
+  bool direct = false;
+  std::vector<int> pids;
 };
 SharedSegments share_segments(int me, int n, size_t bytes, const AllGather& exchange,
                               const PeerNames& names);
@@ -90,11 +94,17 @@ SharedSegments share_segments(int me, int n, size_t bytes, const AllGather& exch
 // Whether every member runs on this host (one exchange of host identities).
 bool all_on_this_host(const AllGather& exchange);
 
+// Segments of at least this many bytes cross in one copy where the ranks can read each other's
+// memory: the sender puts a descriptor (address, length) in the ring, the receiver reads the
+// bytes straight from the sender's memory and acknowledges. Smaller ones (collective chunks,
+// headers) go through the ring.
+constexpr size_t kDirectBytes = 1 << 20;
+
 class ShmLinks : public Links {
  public:
-  // segments[p] is rank p's segment (segments[me] our own); tcp stays open for liveness.
-  ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, std::vector<std::unique_ptr<Mapping>> segments,
-           int links, size_t ring_bytes, double timeout_s);
+  // shared.segments[p] is rank p's segment (our own at me); tcp stays open for liveness.
+  ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, SharedSegments shared, int links,
+           size_t ring_bytes, double timeout_s);
   int links_per_peer() const override { return links_; }
   bool can_combine() const override { return true; }
   void run(std::vector<Transfer>& transfers, Deadline deadline) override;
@@ -113,6 +123,9 @@ class ShmLinks : public Links {
   Farewell* farewell(int owner) const;
   // Throws if peer left a farewell.
   void check_farewell(int peer) const;
+  // One step of a segment that crosses in one copy (kDirectBytes); false while it waits.
+  bool direct_send(Cursor& c, int peer, int link);
+  bool direct_recv(Cursor& c, int peer, int link);
 
   std::unique_ptr<tcp::TcpLinks> tcp_;
   int me_;
@@ -121,6 +134,11 @@ class ShmLinks : public Links {
   int links_;
   size_t ring_bytes_;
   double timeout_s_;
+  bool direct_;
+  std::vector<int> pids_;
+  // Per (peer, link) we send on: descriptors posted, and acknowledgements seen.
+  std::vector<uint64_t> posted_, acks_seen_;
+  std::vector<char> landing_;  // direct receives that combine: the bytes land here first
 };
 
 }  // namespace mlxdist::shm
