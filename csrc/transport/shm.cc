@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <thread>
 
 #include "core/error.h"
 #include "bootstrap/auth.h"
@@ -204,7 +205,9 @@ ShmLinks::ShmLinks(std::unique_ptr<tcp::TcpLinks> tcp, int me, SharedSegments sh
     : tcp_(std::move(tcp)), me_(me), n_(int(shared.segments.size())),
       segments_(std::move(shared.segments)), links_(links), ring_bytes_(ring_bytes),
       timeout_s_(timeout_s), direct_(shared.direct), pids_(std::move(shared.pids)),
-      posted_(size_t(n_) * links), acks_seen_(size_t(n_) * links) {
+      posted_(size_t(n_) * links), acks_seen_(size_t(n_) * links),
+      // The host's cores shared by its ranks (all of them are here: shared memory).
+      threads_(std::max(1, std::min(8, int(std::thread::hardware_concurrency()) / std::max(n_, 1)))) {
   if (ring_bytes_ % 8 != 0) fail("internal: shared ring size ", ring_bytes_, " is not a multiple of 8");
 }
 
@@ -272,6 +275,51 @@ bool ShmLinks::direct_send(Cursor& c, int peer, int link) {
   return true;
 }
 
+namespace {
+
+// Reads len bytes at `from` in process pid into `to`; false (errno set) if the peer is gone.
+bool read_from(int pid, char* to, uint64_t from, size_t len) {
+  for (size_t got = 0; got < len;) {
+    iovec local{to + got, len - got};
+    iovec remote{reinterpret_cast<void*>(from + got), len - got};
+    const ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+    if (n <= 0) return false;
+    got += size_t(n);
+  }
+  return true;
+}
+
+// Large reads in pieces on several threads: one thread's copy is bounded by its core (pages
+// pinned and copied one by one), and the host has cores to spare when few ranks share it.
+constexpr size_t kPieceBytes = 4 << 20;
+
+bool read_in_parallel(int pid, char* to, uint64_t from, size_t len, int threads) {
+  const size_t k = std::min<size_t>(threads, len / kPieceBytes);
+  if (k < 2) return read_from(pid, to, from, len);
+  const size_t each = (len / k + 4095) & ~size_t(4095);
+  std::vector<std::thread> helpers;
+  std::atomic<bool> ok{true};
+  std::atomic<int> error{0};
+  for (size_t i = 1; i < k; ++i) {
+    const size_t at = std::min(len, i * each), n = std::min(len, at + each) - at;
+    helpers.emplace_back([&, at, n] {
+      if (!read_from(pid, to + at, from + at, n)) {
+        error = errno;
+        ok = false;
+      }
+    });
+  }
+  if (!read_from(pid, to, from, std::min(len, each))) {
+    error = errno;
+    ok = false;
+  }
+  for (auto& t : helpers) t.join();
+  errno = error;
+  return ok;
+}
+
+}  // namespace
+
 bool ShmLinks::direct_recv(Cursor& c, int peer, int link) {
   RingHeader* r = ring(me_, peer, link);
   Segment& s = c.t->segments[c.t->seg];
@@ -290,16 +338,10 @@ bool ShmLinks::direct_recv(Cursor& c, int peer, int link) {
   for (size_t done = 0; done < s.len;) {
     const size_t want = std::min(piece, s.len - done);
     char* to = s.combine ? landing_.data() : static_cast<char*>(s.data) + done;
-    for (size_t got = 0; got < want;) {
-      iovec local{to + got, want - got};
-      iovec remote{reinterpret_cast<void*>(d.address + done + got), want - got};
-      const ssize_t n = process_vm_readv(pids_[peer], &local, 1, &remote, 1, 0);
-      if (n <= 0) {
-        check_farewell(peer);
-        fail("cannot read from ", describe_peer(peer), ": ", std::strerror(errno),
-             " (it left during the transfer)");
-      }
-      got += size_t(n);
+    if (!read_in_parallel(pids_[peer], to, d.address + done, want, s.combine ? 1 : threads_)) {
+      check_farewell(peer);
+      fail("cannot read from ", describe_peer(peer), ": ", std::strerror(errno),
+           " (it left during the transfer)");
     }
     if (s.combine) s.combine(static_cast<char*>(s.data) + done, landing_.data(), want);
     done += want;

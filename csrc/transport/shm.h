@@ -139,6 +139,7 @@ class ShmLinks : public Links {
   // Per (peer, link) we send on: descriptors posted, and acknowledgements seen.
   std::vector<uint64_t> posted_, acks_seen_;
   std::vector<char> landing_;  // direct receives that combine: the bytes land here first
+  int threads_;                // threads a large direct read is split over
 };
 
 }  // namespace mlxdist::shm
