@@ -13,6 +13,7 @@ except ImportError as e:  # the sources on sys.path (PYTHONPATH=src, say) rather
 from jax_mlxdist._dispatch import jit
 from jax_mlxdist._errors import DistributedError, is_distributed_error
 from jax_mlxdist._group import Group, init, is_available
+from jax_mlxdist._objects import all_gather_object, broadcast_object, recv_object, send_object
 from jax_mlxdist._ops import (
     all_gather,
     all_max,
@@ -29,8 +30,9 @@ from jax_mlxdist._ops import (
 )
 
 __all__ = [
-    "DistributedError", "Group", "all_gather", "all_max", "all_min", "all_prod", "all_sum",
-    "all_to_all", "barrier", "init", "is_available", "is_distributed_error", "jit", "recv",
-    "recv_like", "send", "sendrecv", "sum_scatter",
+    "DistributedError", "Group", "all_gather", "all_gather_object", "all_max", "all_min",
+    "all_prod", "all_sum", "all_to_all", "barrier", "broadcast_object", "init", "is_available",
+    "is_distributed_error", "jit", "recv", "recv_like", "recv_object", "send", "send_object",
+    "sendrecv", "sum_scatter",
 ]
 __version__ = "0.1.0"
