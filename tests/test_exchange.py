@@ -220,10 +220,8 @@ def test_bad_exchange_arguments_raise():
 
 def test_expert_parallel_moe_example_matches_single_process():
     import pathlib
-    import subprocess
-    import sys
-    example = pathlib.Path(__file__).parent.parent / "examples" / "moe.py"
-    out = subprocess.run([sys.executable, "-P", "-m", "jax_mlxdist.launch", "-n", "4", str(example),
-                          "--steps", "20"], capture_output=True, text=True, timeout=300)
+
+    from jax_mlxdist.testing import launch
+    out = launch(pathlib.Path(__file__).parent.parent / "examples" / "moe.py", 4, "--steps", "20")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "(match)" in out.stdout and "4 ranks, one expert each" in out.stdout, out.stdout

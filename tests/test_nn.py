@@ -233,10 +233,9 @@ def test_fully_shard_trains_like_data_parallel(group, rank, size):
 
 def test_tensor_parallel_example_matches_single_process():
     import pathlib
-    import subprocess
-    import sys
-    example = pathlib.Path(__file__).parent.parent / "examples" / "tensor_parallel.py"
-    out = subprocess.run([sys.executable, "-P", "-m", "jax_mlxdist.launch", "-n", "2", str(example),
-                          "--steps", "20"], capture_output=True, text=True, timeout=300)
+
+    from jax_mlxdist.testing import launch
+    out = launch(pathlib.Path(__file__).parent.parent / "examples" / "tensor_parallel.py", 2,
+                 "--steps", "20")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "(match)" in out.stdout and "over 20 steps" in out.stdout, out.stdout

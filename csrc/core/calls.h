@@ -24,6 +24,14 @@ class Calls {
   Header recv(DType t, uint64_t nbytes, uint64_t shape_hash, int src, int tag) {
     return p2p(t, nbytes, shape_hash, received_[size_t(src)]++, tag);
   }
+  // sendrecv's two: a send to dst and a recv from src, each in its own peer's sequence.
+  struct Pair {
+    Header send, recv;
+  };
+  Pair sendrecv(DType t, uint64_t send_bytes, uint64_t send_hash, int dst, uint64_t recv_bytes,
+                uint64_t recv_hash, int src, int tag) {
+    return {send(t, send_bytes, send_hash, dst, tag), recv(t, recv_bytes, recv_hash, src, tag)};
+  }
   // Outside the sequence (a group's own set-up, before any call): shape_hash tells them apart.
   Header unnumbered(OpCode op, DType t, uint64_t nbytes, uint64_t shape_hash) const {
     return make_header(group_, op, t, ReduceOp::kSum, nbytes, shape_hash, 0);

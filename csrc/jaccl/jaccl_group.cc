@@ -119,9 +119,8 @@ void JacclGroup::sendrecv(const void* in, size_t send_count, int dst, uint64_t s
   check_peer(dst, "destination");
   check_peer(src, "source");
   const size_t es = dtype_size(t);
-  const Header send_h = calls_.send(t, send_count * es, send_hash, dst, tag);
-  const Header recv_h = calls_.recv(t, recv_count * es, recv_hash, src, tag);
-  jaccl::sendrecv(*mesh_, send_h, static_cast<const char*>(in), send_count * es, dst, recv_h,
+  const auto h = calls_.sendrecv(t, send_count * es, send_hash, dst, recv_count * es, recv_hash, src, tag);
+  jaccl::sendrecv(*mesh_, h.send, static_cast<const char*>(in), send_count * es, dst, h.recv,
                   static_cast<char*>(out), recv_count * es, src);
 }
 

@@ -265,8 +265,8 @@ void MpiGroup::sendrecv(const void* in, size_t send_count, int dst, uint64_t sen
   check_peer(src, "source");
   reap();
   const size_t es = dtype_size(t);
-  const Header send_h = calls_.send(t, send_count * es, send_hash, dst, tag);
-  const Header mine = calls_.recv(t, recv_count * es, recv_hash, src, tag);
+  const auto h = calls_.sendrecv(t, send_count * es, send_hash, dst, recv_count * es, recv_hash, src, tag);
+  const Header &send_h = h.send, &mine = h.recv;
   Header theirs;
   Handle reqs[4] = {nullptr, nullptr, nullptr, nullptr};
   {

@@ -396,8 +396,9 @@ void NcclGroup::sendrecv_on(void* stream, const void* in, size_t send_count, int
   check_peer(src, "source");
   guarded([&] {
     const size_t es = dtype_size(t);
-    const Header hs = calls_.send(t, send_count * es, send_hash, dst, tag);
-    const Header hr = calls_.recv(t, recv_count * es, recv_hash, src, tag);
+    const auto h = calls_.sendrecv(t, send_count * es, send_hash, dst, recv_count * es, recv_hash,
+                                   src, tag);
+    const Header &hs = h.send, &hr = h.recv;
     if (opts_.check) {
       Header theirs;
       control_->sendrecv(&hs, sizeof(Header), dst, 0, &theirs, sizeof(Header), src, 0,

@@ -189,11 +189,10 @@ void RingGroup::sendrecv(const void* in, size_t send_count, int dst, uint64_t se
   check_peer(dst, "destination");
   check_peer(src, "source");
   const size_t es = dtype_size(t);
-  const Header send_h = calls_.send(t, send_count * es, send_hash, dst, tag);
-  const Header recv_h = calls_.recv(t, recv_count * es, recv_hash, src, tag);
-  Context ctx(*this, recv_h);
+  const auto h = calls_.sendrecv(t, send_count * es, send_hash, dst, recv_count * es, recv_hash, src, tag);
+  Context ctx(*this, h.recv);
   prefault(out, recv_count * es);
-  ring::sendrecv(ctx, send_h, in, send_count * es, dst, recv_h, out, recv_count * es, src);
+  ring::sendrecv(ctx, h.send, in, send_count * es, dst, h.recv, out, recv_count * es, src);
 }
 
 void RingGroup::all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,

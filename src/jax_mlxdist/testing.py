@@ -249,6 +249,13 @@ class IdleFlood:
                 self._open()
 
 
+def launch(script: str, n: int, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """`jax-mlxdist launch -n N script args...` from this interpreter (no site-dir sources on
+    sys.path, -P), output captured: for tests that run an example end to end."""
+    return subprocess.run([sys.executable, "-P", "-m", "jax_mlxdist.launch", "-n", str(n),
+                           str(script), *args], capture_output=True, text=True, timeout=timeout)
+
+
 def wait_for_peer_hangup(timeout: float) -> bool:
     """Blocks until a peer closes one of this process's TCP connections, or timeout seconds
     pass; returns whether one did. For test bodies that wait for a peer to give up."""
