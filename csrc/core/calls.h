@@ -24,6 +24,13 @@ class Calls {
   Header recv(DType t, uint64_t nbytes, uint64_t shape_hash, int src, int tag) {
     return p2p(t, nbytes, shape_hash, received_[size_t(src)]++, tag);
   }
+  // A rooted collective's (broadcast, reduce, gather, scatter): the root rides in the tag and
+  // the hash, so ranks that disagree on it fail the header check.
+  Header rooted(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, int root) {
+    Header h = collective(op, t, r, nbytes, shape_hash ^ (uint64_t(root) * 0x9e3779b97f4a7c15ull));
+    h.tag = uint8_t(root);
+    return h;
+  }
   // sendrecv's two: a send to dst and a recv from src, each in its own peer's sequence.
   struct Pair {
     Header send, recv;

@@ -9,7 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "core/calls.h"
 #include "core/dtype.h"
+#include "core/header.h"
 
 namespace mlxdist {
 
@@ -75,6 +77,17 @@ class Group {
   virtual void all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,
                           const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash);
   virtual void barrier() = 0;
+
+  // Rooted collectives, each built on star() below. count: elements of this rank's block.
+  // broadcast: out = root's in, everywhere. reduce: root's out = the reduction over ranks (in
+  // rank order: the same bits as all_reduce's); elsewhere out = in. gather: root's out = every
+  // rank's in, rank-major; elsewhere out = in. scatter: root's in holds size() blocks, every
+  // rank's out gets its own; elsewhere in is ignored.
+  void broadcast(const void* in, void* out, size_t count, DType t, int root, uint64_t shape_hash);
+  void reduce(const void* in, void* out, size_t count, DType t, ReduceOp op, int root,
+              uint64_t shape_hash);
+  void gather(const void* in, void* out, size_t count, DType t, int root, uint64_t shape_hash);
+  void scatter(const void* in, void* out, size_t count, DType t, int root, uint64_t shape_hash);
   // Collective over this group; ranks of one color form a new group ordered by (key, rank).
   virtual std::shared_ptr<Group> split(int color, int key) = 0;
   // After a failure: tell the peers why (best effort, so a survivor's error names the cause
@@ -94,10 +107,25 @@ class Group {
   // Its ops on device streams, if it has them (else nullptr: the staged path).
   virtual StreamOps* stream_ops() { return nullptr; }
 
+  // What a rooted collective moves: root exchanges with every other member, each of them with
+  // root only; to[p] / from[p] are the bytes for and from member p (empty where nothing
+  // moves). Both directions of each pair carry the op's header h, so members that disagree on
+  // the op or the root raise on both sides, naming both calls. By default a sendrecv per pair.
+  struct Bytes {
+    const void* data = nullptr;
+    size_t len = 0;
+  };
+  virtual void star(const Header& h, int root, const std::vector<Bytes>& to,
+                    const std::vector<Bytes>& from);
+
   // "group 1a2b (rank 0 of 4)" for messages.
   std::string label() const;
   // Throws unless peer is another member (what: "destination", "source").
   void check_peer(int peer, const char* what) const;
+
+ protected:
+  // The group's call numbering (core/calls.h), for the ops built here.
+  virtual Calls& calls() = 0;
 };
 
 // A backend's declarations of Group's ops, so their signatures are written once (above).
@@ -127,6 +155,8 @@ BlockOffsets keep_own_block(const void* in, const std::vector<size_t>& send_coun
 
 // The exchanges a backend runs natively instead of Group's composition of sends and recvs.
 #define MLXDIST_EXCHANGE_OPS                                                                    \
+  void star(const Header& h, int root, const std::vector<Bytes>& to,                            \
+            const std::vector<Bytes>& from) override;                                           \
   void sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash, void* out,      \
                 size_t recv_count, int src, uint64_t recv_hash, DType t, int tag) override;     \
   void all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,            \

@@ -19,11 +19,18 @@ std::string describe_as(const Header& h, const char* p2p) {
     case OpCode::kSplit: os << "split"; break;
     case OpCode::kSetup: os << "group set-up"; break;
     case OpCode::kAllToAll: os << "all_to_all"; break;
+    case OpCode::kBroadcast: os << "broadcast"; break;
+    case OpCode::kReduce: os << "reduce_" << reduce_name(h.reduce); break;
+    case OpCode::kGather: os << "gather"; break;
+    case OpCode::kScatter: os << "scatter"; break;
     default: os << "op#" << std::to_string(int(h.op));
   }
   os << "(" << dtype_name(h.dtype) << ", " << std::to_string(h.nbytes) << " bytes, shape#"
      << hex(h.shape_hash & 0xffff) << ", call #" << std::to_string(h.seq);
-  if (h.tag) os << ", a tangent of order " << std::to_string(int(h.tag));
+  const bool rooted = h.op == OpCode::kBroadcast || h.op == OpCode::kReduce ||
+                      h.op == OpCode::kGather || h.op == OpCode::kScatter;
+  if (rooted) os << ", root " << std::to_string(int(h.tag));
+  else if (h.tag) os << ", a tangent of order " << std::to_string(int(h.tag));
   os << ")";
   return os.str();
 }

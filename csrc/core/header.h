@@ -13,7 +13,8 @@
 namespace mlxdist {
 
 enum class OpCode : uint8_t {
-  kAllReduce = 1, kAllGather, kReduceScatter, kSend, kBarrier, kSplit, kSetup, kAllToAll
+  kAllReduce = 1, kAllGather, kReduceScatter, kSend, kBarrier, kSplit, kSetup, kAllToAll,
+  kBroadcast, kReduce, kGather, kScatter  // rooted: the root in Header::tag
 };
 
 constexpr uint32_t kHeaderMagic = 0x4d4c5844;  // "MLXD"
@@ -24,7 +25,8 @@ struct Header {
   OpCode op = OpCode::kAllReduce;
   DType dtype = DType::kUInt8;
   ReduceOp reduce = ReduceOp::kSum;
-  uint8_t tag = 0;          // send/recv: 0 for values, k for k-th order tangents (autodiff)
+  uint8_t tag = 0;          // send/recv: 0 for values, k for k-th order tangents (autodiff);
+                            // rooted collectives: the root (mod 256; the hash has the rest)
   uint64_t group = 0;
   uint64_t seq = 0;         // per-group collective counter, or per-peer counter for send/recv
   uint64_t nbytes = 0;      // this rank's input bytes

@@ -213,6 +213,61 @@ ffi::Error AllToAll(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi:
   });
 }
 
+// Rooted collectives take the staged path on every backend.
+template <typename Work>
+ffi::Error rooted(void* stream, const std::string& name, ffi::AnyBuffer& x,
+                  ffi::Result<ffi::AnyBuffer>& y, int64_t group, Work work) {
+  const DType t = to_dtype(x.element_type());
+  const void* d_in = x.untyped_data();
+  void* d_out = y->untyped_data();
+  return guarded(group, name, t == DType::kCount ? t : DType::kUInt8, ReduceOp::kSum,
+                 [&](Target& tg) {
+    gpu::staged(stream, *tg.engine, group, name, d_in, x.size_bytes(), d_out, y->size_bytes(),
+                false, work);
+  });
+}
+
+ffi::Error Broadcast(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Result<ffi::Token>, int64_t group, int64_t root) {
+  const DType t = to_dtype(x.element_type());
+  const size_t count = x.element_count();
+  const uint64_t h = shape_hash(x.dimensions());
+  return rooted(stream, "broadcast", x, y, group, [=](Group& g, void* in, void* out) {
+    g.broadcast(in, out, count, t, int(root), h);
+  });
+}
+
+ffi::Error Gather(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                  ffi::Result<ffi::Token>, int64_t group, int64_t root) {
+  const DType t = to_dtype(x.element_type());
+  const size_t count = x.element_count();
+  const uint64_t h = shape_hash(x.dimensions());
+  return rooted(stream, "gather", x, y, group, [=](Group& g, void* in, void* out) {
+    g.gather(in, out, count, t, int(root), h);
+  });
+}
+
+ffi::Error Scatter(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::Token>, int64_t group, int64_t root) {
+  const DType t = to_dtype(x.element_type());
+  const size_t count = y->element_count();
+  const uint64_t h = shape_hash(y->dimensions());
+  return rooted(stream, "scatter", x, y, group, [=](Group& g, void* in, void* out) {
+    g.scatter(in, out, count, t, int(root), h);
+  });
+}
+
+ffi::Error Reduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                  ffi::Result<ffi::Token>, int64_t group, int64_t root, int64_t reduce) {
+  const DType t = to_dtype(x.element_type());
+  const size_t count = x.element_count();
+  const uint64_t h = shape_hash(x.dimensions());
+  return rooted(stream, std::string("reduce_") + reduce_name(ReduceOp(reduce)), x, y, group,
+                [=](Group& g, void* in, void* out) {
+                  g.reduce(in, out, count, t, ReduceOp(reduce), int(root), h);
+                });
+}
+
 ffi::Error Barrier(void* stream, ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
   return guarded(group, "barrier", DType::kUInt8, ReduceOp::kSum, [&](Target& tg) {
     if (tg.streams) return tg.streams->barrier_on(stream);  // waits for the group's work first

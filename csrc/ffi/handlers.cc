@@ -125,6 +125,48 @@ ffi::Future AllToAll(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y
   return post(group, "all_to_all", [=](Group& g) { g.all_to_all(in, sends, out, recvs, t, h); });
 }
 
+// Rooted collectives. count: this rank's block (gather: its input; scatter: its output); the
+// hash is of a shape every rank shares (gather's input, scatter's output, the others' input).
+using Rooted = void (Group::*)(const void*, void*, size_t, DType, int, uint64_t);
+
+ffi::Future rooted(const char* name, Rooted op, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                   int64_t group, int64_t root, bool block_is_output) {
+  DType t = to_dtype(x.element_type());
+  if (t == DType::kCount) return failed(std::string(name) + ": unsupported dtype");
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  const size_t count = block_is_output ? y->element_count() : x.element_count();
+  const uint64_t h = shape_hash(block_is_output ? y->dimensions() : x.dimensions());
+  return post(group, name, [=](Group& g) { (g.*op)(in, out, count, t, int(root), h); });
+}
+
+ffi::Future Broadcast(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                      ffi::Result<ffi::Token>, int64_t group, int64_t root) {
+  return rooted("broadcast", &Group::broadcast, x, y, group, root, false);
+}
+
+ffi::Future Gather(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::Token>, int64_t group, int64_t root) {
+  return rooted("gather", &Group::gather, x, y, group, root, false);
+}
+
+ffi::Future Scatter(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                    ffi::Result<ffi::Token>, int64_t group, int64_t root) {
+  return rooted("scatter", &Group::scatter, x, y, group, root, true);
+}
+
+ffi::Future Reduce(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::Token>, int64_t group, int64_t root, int64_t reduce) {
+  DType t = to_dtype(x.element_type());
+  const std::string name = std::string("reduce_") + reduce_name(ReduceOp(reduce));
+  if (t == DType::kCount) return failed(name + ": unsupported dtype");
+  const void* in = x.untyped_data();
+  void* out = y->untyped_data();
+  const size_t count = x.element_count();
+  const uint64_t h = shape_hash(x.dimensions());
+  return post(group, name, [=](Group& g) { g.reduce(in, out, count, t, ReduceOp(reduce), int(root), h); });
+}
+
 ffi::Future Barrier(ffi::Token, ffi::Result<ffi::Token>, int64_t group) {
   return post(group, "barrier", [](Group& g) { g.barrier(); });
 }

@@ -6,6 +6,11 @@
 
 #include "xla/ffi/api/ffi.h"
 
+// Rooted collectives: one array in, one out, the group and the root.
+#define MLXDIST_FFI_ROOTED                                                                    \
+  .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()                \
+      .Ret<xla::ffi::Token>().Attr<int64_t>("group").Attr<int64_t>("root")
+
 #define MLXDIST_FFI_OPS(X)                                                                    \
   X(AllReduce, "mlxdist_all_reduce",                                                           \
     .Arg<xla::ffi::AnyBuffer>().Arg<xla::ffi::Token>().Ret<xla::ffi::AnyBuffer>()              \
@@ -32,5 +37,9 @@
         .Ret<xla::ffi::Token>().Attr<int64_t>("group")                                        \
         .Attr<xla::ffi::Span<const int64_t>>("send_sizes")                                    \
         .Attr<xla::ffi::Span<const int64_t>>("recv_sizes"))                                   \
+  X(Broadcast, "mlxdist_broadcast", MLXDIST_FFI_ROOTED)                                        \
+  X(Reduce, "mlxdist_reduce", MLXDIST_FFI_ROOTED.Attr<int64_t>("reduce"))                      \
+  X(Gather, "mlxdist_gather", MLXDIST_FFI_ROOTED)                                              \
+  X(Scatter, "mlxdist_scatter", MLXDIST_FFI_ROOTED)                                            \
   X(Barrier, "mlxdist_barrier",                                                                \
     .Arg<xla::ffi::Token>().Ret<xla::ffi::Token>().Attr<int64_t>("group"))

@@ -133,6 +133,18 @@ void JacclGroup::all_to_all(const void* in, const std::vector<size_t>& send_coun
                     b.recv_at);
 }
 
+void JacclGroup::star(const Header& h, int root, const std::vector<Bytes>& to,
+                      const std::vector<Bytes>& from) {
+  if (ring_) return ring_->star(h, root, to, from);
+  std::vector<std::pair<const void*, size_t>> out;
+  std::vector<std::pair<void*, size_t>> in;
+  for (int p = 0; p < size(); ++p) {
+    out.emplace_back(to[p].data, to[p].len);
+    in.emplace_back(const_cast<void*>(from[p].data), from[p].len);
+  }
+  jaccl::star(*mesh_, h, root, out, in);
+}
+
 void JacclGroup::barrier() {
   if (ring_) return ring_->barrier();
   const Header h = calls_.collective(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0);

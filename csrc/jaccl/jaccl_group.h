@@ -36,6 +36,7 @@ class JacclGroup : public Group {
   const char* backend() const override { return "jaccl"; }
 
   MLXDIST_GROUP_OPS  // core/group.h
+  Calls& calls() override { return calls_; }
   MLXDIST_EXCHANGE_OPS
   void abort(const std::string& why) override;
   void close() override;

@@ -383,6 +383,18 @@ void sendrecv(Mesh& m, const Header& send_h, const char* in, size_t send_bytes, 
   m.run(flows, false);
 }
 
+void star(Mesh& m, const Header& h, int root, const std::vector<std::pair<const void*, size_t>>& to,
+          const std::vector<std::pair<void*, size_t>>& from) {
+  std::vector<Flow> flows;
+  for (int p = 0; p < m.size(); ++p) {
+    if (p == m.rank() || (m.rank() != root && p != root)) continue;
+    flows.push_back(flow_with(p, h));
+    flows.back().send = {Segment{const_cast<void*>(to[p].first), to[p].second}};
+    flows.back().recv = {Segment{from[p].first, from[p].second}};
+  }
+  m.run(flows, false);
+}
+
 void all_to_all(Mesh& m, const Header& h, const char* in, const std::vector<size_t>& send_at,
                 char* out, const std::vector<size_t>& recv_at) {
   auto flows = to_everyone(m, h);

@@ -81,6 +81,9 @@ void send(Mesh& m, const Header& h, const char* in, size_t bytes, int dst);
 void recv(Mesh& m, const Header& h, char* out, size_t bytes, int src);
 void sendrecv(Mesh& m, const Header& send_h, const char* in, size_t send_bytes, int dst,
               const Header& recv_h, char* out, size_t recv_bytes, int src);
+// A rooted collective's exchange (core/group.h, Group::star): to[p]/from[p] for member p.
+void star(Mesh& m, const Header& h, int root, const std::vector<std::pair<const void*, size_t>>& to,
+          const std::vector<std::pair<void*, size_t>>& from);
 // send_at/recv_at: byte offsets of each rank's block (size + 1 entries); the own block is the
 // caller's to copy.
 void all_to_all(Mesh& m, const Header& h, const char* in, const std::vector<size_t>& send_at,

@@ -14,7 +14,8 @@ namespace {
 // 2 * tag and 2 * tag + 1 for tags below 256; MPI guarantees tags up to 32767).
 constexpr int kFarewellTag = 32000;
 constexpr size_t kFarewellBytes = 1024;  // small: sent eagerly, whether or not a peer listens
-// all_to_all's per-pair headers and blocks (non-overtaking per tag keeps calls in order).
+// all_to_all's per-pair headers and blocks, then rooted collectives' data (non-overtaking per
+// tag keeps calls in order).
 constexpr int kAllToAllTag = 31000;
 
 // Our own kernels as MPI ops where MPI's builtins differ from the ring (NaN propagates
@@ -328,6 +329,28 @@ void MpiGroup::all_to_all(const void* in, const std::vector<size_t>& send_counts
     post([&](Handle* r) { return lib_.Isend(static_cast<const char*>(in) + b.send_at[p], out_n, lib_.byte, p, kAllToAllTag + 1, comm_, r); }, "MPI_Isend");
   }
   for (auto& r : reqs) wait(r, "all_to_all");
+}
+
+void MpiGroup::star(const Header& h, int root, const std::vector<Bytes>& to,
+                    const std::vector<Bytes>& from) {
+  reap();
+  agree(h);  // every rank is in this op, with this root (else all raise, naming both calls)
+  std::vector<Handle> reqs;
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_ || (rank_ != root && p != root)) continue;
+    std::lock_guard<std::mutex> lock(lib_.mu);
+    if (from[p].len) {
+      reqs.push_back(nullptr);
+      check(lib_, lib_.Irecv(const_cast<void*>(from[p].data), as_count(from[p].len, "MPI_Irecv"),
+                             lib_.byte, p, kAllToAllTag + 2, comm_, &reqs.back()), "MPI_Irecv");
+    }
+    if (to[p].len) {
+      reqs.push_back(nullptr);
+      check(lib_, lib_.Isend(to[p].data, as_count(to[p].len, "MPI_Isend"), lib_.byte, p,
+                             kAllToAllTag + 2, comm_, &reqs.back()), "MPI_Isend");
+    }
+  }
+  for (auto& r : reqs) wait(r, describe(h));
 }
 
 void MpiGroup::barrier() {

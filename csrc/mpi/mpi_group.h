@@ -28,6 +28,7 @@ class MpiGroup : public Group {
   const char* backend() const override { return "mpi"; }
 
   MLXDIST_GROUP_OPS  // core/group.h
+  Calls& calls() override { return calls_; }
   MLXDIST_EXCHANGE_OPS
   void abort(const std::string& why) override;
   void close() override;

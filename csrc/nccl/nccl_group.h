@@ -41,6 +41,7 @@ class NcclGroup : public Group, public StreamOps {
 
   // Host memory: through the control ring (CPU arrays, and dtypes NCCL lacks).
   MLXDIST_GROUP_OPS  // core/group.h
+  Calls& calls() override { return calls_; }
   void abort(const std::string& why) override;
   void close() override;
   std::string unreported_failure() const override;

@@ -169,6 +169,21 @@ void sendrecv(Context& ctx, const Header& send_h, const void* in, size_t send_by
   run_step(ctx, ts);
 }
 
+void star(Context& ctx, int root, const std::vector<std::pair<const void*, size_t>>& to,
+          const std::vector<std::pair<void*, size_t>>& from) {
+  const int n = ctx.size, me = ctx.rank;
+  std::vector<Header> got(n);
+  std::vector<Transfer> ts;
+  for (int p = 0; p < n; ++p) {
+    if (p == me || (me != root && p != root)) continue;
+    add_send(ts, ctx, p, 0, static_cast<const char*>(to[p].first), to[p].second,
+             std::max<size_t>(to[p].second, 1));
+    add_recv(ts, ctx, p, 0, static_cast<char*>(from[p].first), from[p].second,
+             std::max<size_t>(from[p].second, 1), &got[p], nullptr);
+  }
+  run_step(ctx, ts);
+}
+
 void all_to_all(Context& ctx, const char* in, const std::vector<size_t>& send_at, char* out,
                 const std::vector<size_t>& recv_at) {
   const int n = ctx.size, me = ctx.rank;

@@ -46,6 +46,10 @@ void recv(Context& ctx, void* buf, size_t bytes, int src);
 // Both at once, each with its own header (a send's to dst, a recv's from src).
 void sendrecv(Context& ctx, const Header& send_h, const void* in, size_t send_bytes, int dst,
               const Header& recv_h, void* out, size_t recv_bytes, int src);
+// A rooted collective's exchange: root with every member at once, each member with root;
+// to[p]/from[p] (data, bytes) for and from member p. Both directions carry the header.
+void star(Context& ctx, int root, const std::vector<std::pair<const void*, size_t>>& to,
+          const std::vector<std::pair<void*, size_t>>& from);
 // Every pair at once; send_at/recv_at: byte offsets of each rank's block (size + 1 entries).
 // The own block is the caller's to copy.
 void all_to_all(Context& ctx, const char* in, const std::vector<size_t>& send_at, char* out,

@@ -203,6 +203,19 @@ void RingGroup::all_to_all(const void* in, const std::vector<size_t>& send_count
   ring::all_to_all(ctx, static_cast<const char*>(in), b.send_at, static_cast<char*>(out), b.recv_at);
 }
 
+void RingGroup::star(const Header& h, int root, const std::vector<Bytes>& to,
+                     const std::vector<Bytes>& from) {
+  Context ctx(*this, h);
+  std::vector<std::pair<const void*, size_t>> out;
+  std::vector<std::pair<void*, size_t>> in;
+  for (int p = 0; p < size(); ++p) {
+    out.emplace_back(to[p].data, to[p].len);
+    in.emplace_back(const_cast<void*>(from[p].data), from[p].len);
+    if (from[p].len) prefault(in.back().first, from[p].len);
+  }
+  ring::star(ctx, root, out, in);
+}
+
 void RingGroup::barrier() {
   // An empty all-gather: a rank leaves only after hearing (through the ring) from every rank.
   Context ctx(*this, calls_.collective(OpCode::kBarrier, DType::kUInt8, ReduceOp::kSum, 0, 0));

@@ -47,6 +47,7 @@ class RingGroup : public Group {
   const char* backend() const override { return "ring"; }
 
   MLXDIST_GROUP_OPS  // core/group.h
+  Calls& calls() override { return calls_; }
   MLXDIST_EXCHANGE_OPS
   // A split's first step, checked like every op: every member's (color, key), member-major.
   std::vector<int32_t> gather_split(int color, int key);

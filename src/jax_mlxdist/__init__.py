@@ -22,8 +22,12 @@ from jax_mlxdist._ops import (
     all_sum,
     all_to_all,
     barrier,
+    broadcast,
+    gather,
     recv,
     recv_like,
+    reduce,
+    scatter,
     send,
     sendrecv,
     sum_scatter,
@@ -31,8 +35,8 @@ from jax_mlxdist._ops import (
 
 __all__ = [
     "DistributedError", "Group", "all_gather", "all_gather_object", "all_max", "all_min",
-    "all_prod", "all_sum", "all_to_all", "barrier", "broadcast_object", "init", "is_available",
-    "is_distributed_error", "jit", "recv", "recv_like", "recv_object", "send", "send_object",
-    "sendrecv", "sum_scatter",
+    "all_prod", "all_sum", "all_to_all", "barrier", "broadcast", "broadcast_object", "gather", "init",
+    "is_available", "is_distributed_error", "jit", "recv", "recv_like", "recv_object", "reduce",
+    "scatter", "send", "send_object", "sendrecv", "sum_scatter",
 ]
 __version__ = "0.1.0"

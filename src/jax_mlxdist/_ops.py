@@ -253,6 +253,70 @@ def all_to_all(x, *, group: Group | None = None, split_sizes=None, recv_sizes=No
                  rank=g.rank(), size=n)
 
 
+def _root(g: Group, root, op: str) -> int:
+    if isinstance(root, (bool, np.bool_)) or not isinstance(root, (int, np.integer)) \
+            or not 0 <= root < g.size():
+        raise DistributedError(f"{op}: root must be a rank of the group (0 to {g.size() - 1}), "
+                               f"got {root!r}")
+    return int(root)
+
+
+def broadcast(x, root: int = 0, *, group: Group | None = None):
+    """root's x on every rank (every rank passes an x of that shape and dtype; only root's
+    values are used). Its gradient sums every rank's cotangent at root."""
+    g = _resolve(group, "broadcast")
+    x = _array(x, "broadcast")
+    root = _root(g, root, "broadcast")
+    if g.size() == 1:
+        return x
+    return _bind(P.broadcast_p, x, group=g._handle, root=root, rank=g.rank(), size=g.size())
+
+
+def reduce(x, root: int = 0, op: str = "sum", *, group: Group | None = None):
+    """The reduction of x over the ranks (op: "sum", "max", "min", "prod"), at root, with the
+    bits all_reduce gives; the other ranks get their own x back (as mpi4jax's reduce)."""
+    g = _resolve(group, "reduce")
+    x = _array(x, "reduce")
+    root = _root(g, root, "reduce")
+    if op not in P.REDUCE:
+        raise DistributedError(f"reduce: op must be one of {sorted(P.REDUCE)}, got {op!r}")
+    if op in ("max", "min") and jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise DistributedError(f"reduce: complex values have no order for op={op!r}")
+    if g.size() == 1:
+        return x
+    return _bind(P.reduce_p, x, group=g._handle, root=root, reduce=P.REDUCE[op], rank=g.rank(),
+                 size=g.size())
+
+
+def gather(x, root: int = 0, *, group: Group | None = None):
+    """At root, every rank's x concatenated on axis 0 in rank order (a scalar gives shape
+    (size,)); the other ranks get their own x back (as mpi4jax's gather). Every rank's x has
+    one shape."""
+    g = _resolve(group, "gather")
+    x = _array(x, "gather")
+    root = _root(g, root, "gather")
+    if g.size() == 1:
+        return x.reshape(1) if x.ndim == 0 else x
+    scalar = x.ndim == 0
+    out = _bind(P.gather_p, x.reshape(1) if scalar else x, group=g._handle, root=root,
+                rank=g.rank(), size=g.size())
+    return out.reshape(()) if scalar and g.rank() != root else out
+
+
+def scatter(x, root: int = 0, *, group: Group | None = None):
+    """Root's x split on axis 0 into size() equal blocks, block i to rank i. Elsewhere x gives
+    only the shape and dtype of one block (as mpi4jax's scatter)."""
+    g = _resolve(group, "scatter")
+    x = _array(x, "scatter")
+    root = _root(g, root, "scatter")
+    if g.rank() == root and (x.ndim == 0 or x.shape[0] % g.size() != 0):
+        raise DistributedError(f"scatter: at the root the first dimension of the input (shape "
+                               f"{x.shape}) must be divisible by the group size {g.size()}")
+    if g.size() == 1:
+        return x
+    return _bind(P.scatter_p, x, group=g._handle, root=root, rank=g.rank(), size=g.size())
+
+
 def sum_gradients(group: Group | None = None):
     """A function that is the identity forward and all_sums the cotangent backward (as MLX's
     nn.layers.distributed.sum_gradients); jax_mlxdist.nn exports it.

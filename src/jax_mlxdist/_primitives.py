@@ -289,6 +289,75 @@ _rules(all_to_all_p, jvp=_linear_jvp(all_to_all_p), transpose=_all_to_all_transp
        batch=_axis0_batch(all_to_all_p))
 
 
+# --- rooted: broadcast, reduce, gather, scatter (params root, rank, size; reduce for reduce) -----
+# Outside the root, reduce and gather return their input (as mpi4jax); scatter's input there is
+# one block's shape, its contents unused.
+def _zeros_unless_root(v, rank, root):
+    return v if rank == root else jnp.zeros(v.shape, v.dtype)
+
+
+broadcast_p = _primitive("mlxdist_broadcast", _same, ("group", "root"))
+reduce_p = _primitive("mlxdist_reduce", _same, ("group", "root", "reduce"))
+
+
+def _gathered_at_root(x, *, root, rank, size, **_):
+    if rank != root:
+        return _same(x)
+    return ShapedArray((size * x.shape[0], *x.shape[1:]), x.dtype, weak_type=x.weak_type)
+
+
+def _scattered_from_root(x, *, root, rank, size, **_):
+    if rank != root:
+        return _same(x)
+    return ShapedArray((x.shape[0] // size, *x.shape[1:]), x.dtype, weak_type=x.weak_type)
+
+
+gather_p = _primitive("mlxdist_gather", _gathered_at_root, ("group", "root"))
+scatter_p = _primitive("mlxdist_scatter", _scattered_from_root, ("group", "root"))
+
+
+def _broadcast_transpose(ct, x, *, rank, root, **params):
+    # Every rank's output is root's x: its cotangent is the sum of all of them, at root.
+    total = reduce_p.bind(_dense(ct), reduce=SUM, rank=rank, root=root, **params)
+    return [_zeros_unless_root(total, rank, root)]
+
+
+def _reduce_transpose(ct, x, *, rank, root, reduce, **params):
+    assert reduce == SUM, "only sums are linear"
+    # Root's cotangent reaches every input; elsewhere the output is also the input itself.
+    ct = _dense(ct)
+    back = broadcast_p.bind(ct, rank=rank, root=root, **params)
+    return [back if rank == root else back + ct]
+
+
+def _gather_transpose(ct, x, *, rank, root, **params):
+    ct = _dense(ct)
+    back = scatter_p.bind(ct, rank=rank, root=root, **params)  # block r of root's cotangent
+    return [back if rank == root else back + ct]
+
+
+def _scatter_transpose(ct, x, *, rank, root, **params):
+    ct = _dense(ct)
+    back = gather_p.bind(ct, rank=rank, root=root, **params)
+    return [_zeros_unless_root(back, rank, root)]  # elsewhere the input is only a shape
+
+
+def _reduce_jvp(primals, tangents, **params):
+    if params["reduce"] != SUM:
+        raise NotImplementedError("reduce is differentiable for op='sum' only")
+    return _linear_jvp(reduce_p)(primals, tangents, **params)
+
+
+_rules(broadcast_p, jvp=_linear_jvp(broadcast_p), transpose=_broadcast_transpose,
+       batch=_elementwise_batch(broadcast_p))
+_rules(reduce_p, jvp=_reduce_jvp, transpose=_reduce_transpose,
+       batch=_elementwise_batch(reduce_p))
+_rules(gather_p, jvp=_linear_jvp(gather_p), transpose=_gather_transpose,
+       batch=_axis0_batch(gather_p))
+_rules(scatter_p, jvp=_linear_jvp(scatter_p), transpose=_scatter_transpose,
+       batch=_axis0_batch(scatter_p))
+
+
 # --- barrier: no operands, nothing to differentiate or batch ------------------------------------
 barrier_p = _primitive("mlxdist_barrier", lambda **_: [], ("group",), multiple_results=True)
 

@@ -1,0 +1,110 @@
+// Broadcast, reduce, gather and scatter, written once over Group::star (what moves between the
+// root and each member); backends provide star.
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "core/group.h"
+
+namespace mlxdist {
+namespace {
+
+void check_root(const Group& g, int root) {
+  if (root < 0 || root >= g.size())
+    fail("invalid root ", root, " for a group of size ", g.size());
+}
+
+}  // namespace
+
+void Group::star(const Header& h, int root, const std::vector<Bytes>& to,
+                 const std::vector<Bytes>& from) {
+  // Composed of point-to-point calls: correct, not fast (backends override it).
+  const int me = rank();
+  for (int p = 0; p < size(); ++p) {
+    if (p == me || (me != root && p != root)) continue;
+    sendrecv(to[p].data, to[p].len, p, h.shape_hash, const_cast<void*>(from[p].data), from[p].len,
+             p, h.shape_hash, DType::kUInt8, 0);
+  }
+}
+
+void Group::broadcast(const void* in, void* out, size_t count, DType t, int root,
+                      uint64_t shape_hash) {
+  check_root(*this, root);
+  const size_t bytes = count * dtype_size(t);
+  const Header h = calls().rooted(OpCode::kBroadcast, t, ReduceOp::kSum, bytes, shape_hash, root);
+  std::vector<Bytes> to(size()), from(size());
+  if (rank() == root) {
+    if (out != in) std::memmove(out, in, bytes);
+    for (auto& b : to) b = {out, bytes};
+  } else {
+    from[root] = {out, bytes};
+  }
+  if (size() > 1) star(h, root, to, from);
+}
+
+void Group::gather(const void* in, void* out, size_t count, DType t, int root,
+                   uint64_t shape_hash) {
+  check_root(*this, root);
+  const size_t bytes = count * dtype_size(t);
+  const Header h = calls().rooted(OpCode::kGather, t, ReduceOp::kSum, bytes, shape_hash, root);
+  std::vector<Bytes> to(size()), from(size());
+  char* o = static_cast<char*>(out);
+  if (rank() == root) {
+    std::memmove(o + root * bytes, in, bytes);
+    for (int p = 0; p < size(); ++p) from[p] = {o + p * bytes, bytes};
+  } else {
+    if (out != in) std::memmove(out, in, bytes);
+    to[root] = {out, bytes};
+  }
+  if (size() > 1) star(h, root, to, from);
+}
+
+void Group::scatter(const void* in, void* out, size_t count, DType t, int root,
+                    uint64_t shape_hash) {
+  check_root(*this, root);
+  const size_t bytes = count * dtype_size(t);
+  const Header h = calls().rooted(OpCode::kScatter, t, ReduceOp::kSum, bytes, shape_hash, root);
+  std::vector<Bytes> to(size()), from(size());
+  const char* i = static_cast<const char*>(in);
+  if (rank() == root) {
+    std::memmove(out, i + root * bytes, bytes);
+    for (int p = 0; p < size(); ++p) to[p] = {i + p * bytes, bytes};
+  } else {
+    from[root] = {out, bytes};
+  }
+  if (size() > 1) star(h, root, to, from);
+}
+
+void Group::reduce(const void* in, void* out, size_t count, DType t, ReduceOp op, int root,
+                   uint64_t shape_hash) {
+  check_root(*this, root);
+  const int n = size();
+  const size_t es = dtype_size(t), bytes = count * es;
+  const Header h = calls().rooted(OpCode::kReduce, t, op, bytes, shape_hash, root);
+  std::vector<Bytes> to(n), from(n);
+  if (rank() != root) {
+    if (out != in) std::memmove(out, in, bytes);
+    to[root] = {out, bytes};
+    if (n > 1) star(h, root, to, from);
+    return;
+  }
+  // Every member's input here, then reduced in rank order (all_reduce's bits).
+  std::vector<char> all(size_t(n) * bytes);
+  std::memcpy(all.data() + root * bytes, in, bytes);
+  for (int p = 0; p < n; ++p) from[p] = {all.data() + p * bytes, bytes};
+  if (n > 1) star(h, root, to, from);
+  if (widened(t, op)) {
+    std::vector<float> acc(count), next(count);
+    to_float32(all.data(), acc.data(), count, t);
+    for (int p = 1; p < n; ++p) {
+      to_float32(all.data() + p * bytes, next.data(), count, t);
+      reduce_into(acc.data(), next.data(), count, DType::kFloat32, op);
+    }
+    from_float32(acc.data(), out, count, t);
+    return;
+  }
+  std::memcpy(out, all.data(), bytes);
+  for (int p = 1; p < n; ++p) reduce_into(out, all.data() + p * bytes, count, t, op);
+}
+
+}  // namespace mlxdist
