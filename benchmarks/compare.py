@@ -32,7 +32,9 @@ Sizes are per-rank input bytes (all_gather outputs n times that; sum_scatter's i
 up to a multiple of 4n bytes, as is all_to_all's). sendrecv: every rank sends its input to the
 next rank and receives the previous rank's (a ring pass). Bus bandwidth: all_sum 2(n-1)/n x
 bytes / time, all_gather (n-1)/n x output bytes / time, sum_scatter and all_to_all (n-1)/n x
-input bytes / time, sendrecv bytes / time.
+input bytes / time, sendrecv bytes / time. broadcast and gather use root 0 (gather's
+result is checked at the root; elsewhere each rank's own input); their bus bandwidth is
+bytes / time.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ sys.path.insert(0, PEERS)
 from common import reserve_port  # noqa: E402
 from setup import setup, venv_python  # noqa: E402
 
-OPS = ["all_sum", "all_gather", "sum_scatter", "all_to_all", "sendrecv"]
+OPS = ["all_sum", "all_gather", "sum_scatter", "all_to_all", "sendrecv", "broadcast", "gather"]
 START_TIMEOUT = 240.0
 
 MPI_TCP = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
@@ -314,7 +316,7 @@ def count_for(op: str, nbytes: int, n: int) -> int:
 
 def schedule(op: str, count: int, n: int, scale: float) -> tuple[int, int]:
     """(iters per batch, batches): fewer iterations for large messages."""
-    moved = 4 * count * (n if op == "all_gather" else 1)
+    moved = 4 * count * (n if op in ("all_gather", "gather") else 1)
     iters = int(max(1, min(200, (8 << 20) * scale // moved)))
     batches = 7 if moved <= 1 << 20 else (5 if moved <= 16 << 20 else 3)
     return iters, batches
@@ -323,7 +325,8 @@ def schedule(op: str, count: int, n: int, scale: float) -> tuple[int, int]:
 def bus_bytes(op: str, count: int, n: int) -> float:
     b = 4 * count
     return {"all_sum": 2 * (n - 1) / n * b, "all_gather": (n - 1) * b,
-            "sum_scatter": (n - 1) / n * b, "all_to_all": (n - 1) / n * b, "sendrecv": b}[op]
+            "sum_scatter": (n - 1) / n * b, "all_to_all": (n - 1) / n * b, "sendrecv": b,
+            "broadcast": b, "gather": b}[op]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 pytestmark = pytest.mark.usefixtures("on_backend")
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "bfloat16", "float32", "float64", "complex64"]
+          "float16", "bfloat16", "float32", "float64", "complex64", "complex128"]
 HALVES = ("float16", "bfloat16")
 # 0-d, one element, a prime, and sizes that are not multiples of the chunk size: the last
 # is above the small-message path, so it exercises the pipelined ring.
@@ -73,9 +73,8 @@ def test_every_op_and_dtype(group, rank, size):
         for shape in SIZES:
             inputs = [make_input(r, shape, dt) for r in range(size)]
             x = jnp.asarray(inputs[rank])
-            ops = {"sum": dist.all_sum}
-            if dt != "complex64":
-                ops.update(max=dist.all_max, min=dist.all_min)
+            # Complex max/min: ordered by real, then imaginary part (MLX's order, numpy's too).
+            ops = {"sum": dist.all_sum, "max": dist.all_max, "min": dist.all_min}
             for op, fn in ops.items():
                 got = fn(x, group=group)
                 assert_close(got, reference(op, inputs), (dt, shape, op))
@@ -215,3 +214,23 @@ def test_barrier_waits_for_every_rank(rank):
     dist.barrier()
     waited = time.monotonic() - t
     assert rank == 0 or waited > 0.5
+
+
+@pytest.mark.ranks(3, env=X64)
+def test_bitwise_reductions_and_mean(rank, size):
+    import jax
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    fold = {"and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor}
+    for dt in ("bool", "int8", "int32", "uint16", "int64", "uint64"):
+        xs = [(make_input(p, (7,), dt) * (1 if dt == "bool" else 37)).astype(dt)
+              for p in range(size)]
+        for op, f in fold.items():
+            want = f.reduce(np.stack(xs), axis=0)
+            assert_close(dist.all_reduce(jnp.asarray(xs[rank]), op), want, (dt, op))
+            got = jax.jit(lambda v: dist.all_reduce(v, op))(jnp.asarray(xs[rank]))
+            assert_close(got, want, (dt, op, "jit"))
+    np.testing.assert_allclose(dist.all_mean(jnp.arange(4.0) * (rank + 1)),
+                               np.arange(4.0) * (size + 1) / 2)
+    np.testing.assert_array_equal(dist.all_reduce(jnp.arange(3) + rank, "sum"),
+                                  np.arange(3) * size + size * (size - 1) // 2)

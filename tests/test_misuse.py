@@ -55,7 +55,8 @@ def body_bad_arguments():
         "recv bad dtype": lambda: dist.recv((2,), "not a dtype", 1 - g.rank()),
         "sum_scatter scalar": lambda: dist.sum_scatter(one),
         "sum_scatter 3 over 2": lambda: dist.sum_scatter(jnp.ones(3)),
-        "all_max complex": lambda: dist.all_max(jnp.ones(2, jnp.complex64)),
+        "bitwise op on floats": lambda: dist.all_reduce(jnp.ones(2), op="xor"),
+        "unknown op": lambda: dist.all_reduce(jnp.ones(2), op="mean"),
         "unsupported dtype": lambda: dist.all_sum(np.ones(2, np.float128)
                                                   if hasattr(np, "float128") else "text"),
         "group not a Group": lambda: dist.all_sum(one, group="world"),

@@ -56,6 +56,10 @@ def expected(op: str, mode: str, rank: int, size: int, count: int) -> np.ndarray
         return np.concatenate([x[rank * block:(rank + 1) * block] for x in inputs])
     if op == "sendrecv":  # a ring pass: the previous rank's input
         return inputs[(rank - 1) % size]
+    if op == "broadcast":  # root 0's input
+        return inputs[0]
+    if op == "gather":  # at root 0 every input in rank order; elsewhere the rank's own
+        return np.concatenate(inputs) if rank == 0 else inputs[rank]
     raise ValueError(op)
 
 

@@ -18,7 +18,7 @@ from common import CHECK_CHAIN, Unsupported
 
 def out_count(op: str, count: int, size: int) -> int:
     return {"all_sum": count, "all_gather": count * size, "sum_scatter": count // size,
-            "all_to_all": count, "sendrecv": count}[op]
+            "all_to_all": count, "sendrecv": count, "broadcast": count, "gather": count * size}[op]
 
 
 class JaxImpl:

@@ -11,6 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -52,7 +53,9 @@ ops = {"all_sum": lambda x: lax.psum(x, "i"),
        "all_gather": lambda x: lax.all_gather(x, "i", tiled=True),
        "sum_scatter": lambda x: lax.psum_scatter(x, "i", scatter_dimension=0, tiled=True),
        "all_to_all": lambda x: lax.all_to_all(x, "i", 0, 0, tiled=True),
-       "sendrecv": lambda x: lax.ppermute(x, "i", [(i, (i + 1) % size) for i in range(size)])}
+       "sendrecv": lambda x: lax.ppermute(x, "i", [(i, (i + 1) % size) for i in range(size)]),
+       # JAX has no rooted collectives: its multihost_utils broadcast is a psum of root's values.
+       "broadcast": lambda x: lax.psum(jnp.where(lax.axis_index("i") == 0, x, jnp.zeros_like(x)), "i")}
 _tiny = jax.jit(wrap(ops["all_sum"], "s", "s"))
 _one = put(np.zeros(1, np.float32))
 

@@ -23,7 +23,10 @@ right, left = (rank + 1) % size, (rank - 1) % size
 ops = {"all_sum": lambda x: _first(mpi4jax.allreduce(x, op=MPI.SUM, comm=comm)),
        "all_gather": lambda x: _first(mpi4jax.allgather(x, comm=comm)).reshape(-1),
        "all_to_all": lambda x: _first(mpi4jax.alltoall(x.reshape(size, -1), comm=comm)).reshape(-1),
-       "sendrecv": lambda x: _first(mpi4jax.sendrecv(x, x, source=left, dest=right, comm=comm))}
+       "sendrecv": lambda x: _first(mpi4jax.sendrecv(x, x, source=left, dest=right, comm=comm)),
+       "broadcast": lambda x: _first(mpi4jax.bcast(x, 0, comm=comm)),
+       # at root (nproc, n) flattened; elsewhere the input back
+       "gather": lambda x: _first(mpi4jax.gather(x, 0, comm=comm)).reshape(-1)}
 # mpi4jax has no reduce_scatter: sum_scatter is reported as unsupported.
 
 ctl = Control(control_port(), rank, size)

@@ -19,6 +19,8 @@ right, left = (group.rank() + 1) % group.size(), (group.rank() - 1) % group.size
 ops = {"all_sum": dist.all_sum, "all_gather": dist.all_gather, "sum_scatter": dist.sum_scatter}
 if hasattr(dist, "all_to_all"):  # builds before these ops ran as "ours-before"
     ops.update(all_to_all=dist.all_to_all, sendrecv=lambda x: dist.sendrecv(x, right, left))
+if hasattr(dist, "broadcast"):
+    ops.update(broadcast=lambda x: dist.broadcast(x, 0), gather=lambda x: dist.gather(x, 0))
 serve(JaxImpl(group.rank(), group.size(), ops,
               barrier=dist.barrier,
               # BENCH_DISPATCH=eager: each op called eagerly; else one dist.jit program per op

@@ -62,9 +62,20 @@ def _sendrecv(x, out):  # a ring pass, as torch's docs pair isend and irecv
     return out
 
 
+def _broadcast(x, out):
+    dist.broadcast(x, src=0)  # in place
+    return x
+
+
+def _gather(x, out):
+    dist.gather(x, list(out.view(size, -1).unbind(0)) if rank == 0 else None, dst=0)
+    return out if rank == 0 else x
+
+
 OPS = {"all_sum": (_all_sum, lambda c: c), "all_gather": (_all_gather, lambda c: c * size),
        "sum_scatter": (_sum_scatter, lambda c: c // size), "all_to_all": (_all_to_all, lambda c: c),
-       "sendrecv": (_sendrecv, lambda c: c)}
+       "sendrecv": (_sendrecv, lambda c: c), "broadcast": (_broadcast, lambda c: c),
+       "gather": (_gather, lambda c: c * size)}
 
 
 class Case:

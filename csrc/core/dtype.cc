@@ -73,14 +73,27 @@ uint16_t float_to_bf16(float f) {
 }
 
 template <typename T>
+struct is_complex : std::false_type {};
+template <typename T>
+struct is_complex<std::complex<T>> : std::true_type {};
+
+template <typename T>
 T apply(T a, T b, ReduceOp op) {
   if constexpr (std::is_same_v<T, bool>) {
     switch (op) {
-      case ReduceOp::kSum: case ReduceOp::kMax: return a || b;
+      case ReduceOp::kSum: case ReduceOp::kMax: case ReduceOp::kOr: return a || b;
+      case ReduceOp::kXor: return a != b;
       default: return a && b;
     }
-  } else if constexpr (std::is_same_v<T, std::complex<float>>) {
-    return op == ReduceOp::kProd ? a * b : a + b;  // max/min rejected in Python
+  } else if constexpr (is_complex<T>::value) {
+    // Ordered by real part, then imaginary part (MLX's order); bitwise ops rejected in Python.
+    const bool a_first = a.real() > b.real() || (a.real() == b.real() && a.imag() >= b.imag());
+    switch (op) {
+      case ReduceOp::kProd: return a * b;
+      case ReduceOp::kMax: return a_first ? a : b;
+      case ReduceOp::kMin: return (a_first && a != b) ? b : a;
+      default: return a + b;
+    }
   } else if constexpr (std::is_floating_point_v<T>) {
     switch (op) {
       case ReduceOp::kSum: return a + b;
@@ -93,6 +106,9 @@ T apply(T a, T b, ReduceOp op) {
       case ReduceOp::kSum: return T(a + b);
       case ReduceOp::kProd: return T(a * b);
       case ReduceOp::kMax: return a >= b ? a : b;
+      case ReduceOp::kAnd: return T(a & b);
+      case ReduceOp::kOr: return T(a | b);
+      case ReduceOp::kXor: return T(a ^ b);
       default: return a <= b ? a : b;
     }
   }
@@ -108,7 +124,8 @@ void reduce_typed(void* out, const void* in_a, const void* in_b, size_t n, Reduc
     case ReduceOp::kSum: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kSum); break;
     case ReduceOp::kProd: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kProd); break;
     case ReduceOp::kMax: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kMax); break;
-    default: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kMin); break;
+    case ReduceOp::kMin: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], ReduceOp::kMin); break;
+    default: for (size_t i = 0; i < n; ++i) o[i] = apply(a[i], b[i], op); break;
   }
 }
 
@@ -128,6 +145,7 @@ size_t dtype_size(DType t) {
     case DType::kInt16: case DType::kUInt16: case DType::kFloat16: case DType::kBFloat16: return 2;
     case DType::kInt32: case DType::kUInt32: case DType::kFloat32: return 4;
     case DType::kInt64: case DType::kUInt64: case DType::kFloat64: case DType::kComplex64: return 8;
+    case DType::kComplex128: return 16;
     default: fail("unknown dtype code ", int(t));
   }
 }
@@ -135,12 +153,12 @@ size_t dtype_size(DType t) {
 const char* dtype_name(DType t) {
   static const char* names[] = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
                                 "uint32", "uint64", "float16", "bfloat16", "float32", "float64",
-                                "complex64"};
+                                "complex64", "complex128"};
   return t < DType::kCount ? names[int(t)] : "unknown";
 }
 
 const char* reduce_name(ReduceOp op) {
-  static const char* names[] = {"sum", "max", "min", "prod"};
+  static const char* names[] = {"sum", "max", "min", "prod", "and", "or", "xor"};
   return op < ReduceOp::kCount ? names[int(op)] : "unknown";
 }
 
@@ -162,6 +180,7 @@ void reduce_to(void* out, const void* a, const void* b, size_t n, DType t, Reduc
     case DType::kFloat32: return reduce_typed<float>(out, a, b, n, op);
     case DType::kFloat64: return reduce_typed<double>(out, a, b, n, op);
     case DType::kComplex64: return reduce_typed<std::complex<float>>(out, a, b, n, op);
+    case DType::kComplex128: return reduce_typed<std::complex<double>>(out, a, b, n, op);
     default: fail("unknown dtype code ", int(t));
   }
 }

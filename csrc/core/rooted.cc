@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/group.h"
+#include "core/prefault.h"
 
 namespace mlxdist {
 namespace {
@@ -34,12 +35,15 @@ void Group::broadcast(const void* in, void* out, size_t count, DType t, int root
   const Header h = calls().rooted(OpCode::kBroadcast, t, ReduceOp::kSum, bytes, shape_hash, root);
   std::vector<Bytes> to(size()), from(size());
   if (rank() == root) {
-    if (out != in) std::memmove(out, in, bytes);
-    for (auto& b : to) b = {out, bytes};
+    for (auto& b : to) b = {in, bytes};  // members read the input; the own copy comes after
   } else {
     from[root] = {out, bytes};
   }
   if (size() > 1) star(h, root, to, from);
+  if (rank() == root && out != in) {
+    prefault(out, bytes);
+    std::memcpy(out, in, bytes);
+  }
 }
 
 void Group::gather(const void* in, void* out, size_t count, DType t, int root,
@@ -50,6 +54,7 @@ void Group::gather(const void* in, void* out, size_t count, DType t, int root,
   std::vector<Bytes> to(size()), from(size());
   char* o = static_cast<char*>(out);
   if (rank() == root) {
+    prefault(out, size() * bytes);
     std::memmove(o + root * bytes, in, bytes);
     for (int p = 0; p < size(); ++p) from[p] = {o + p * bytes, bytes};
   } else {
@@ -67,6 +72,7 @@ void Group::scatter(const void* in, void* out, size_t count, DType t, int root,
   std::vector<Bytes> to(size()), from(size());
   const char* i = static_cast<const char*>(in);
   if (rank() == root) {
+    prefault(out, bytes);
     std::memmove(out, i + root * bytes, bytes);
     for (int p = 0; p < size(); ++p) to[p] = {i + p * bytes, bytes};
   } else {

@@ -29,6 +29,7 @@ inline DType to_dtype(xla::ffi::DataType t) {
     case DataType::F32: return DType::kFloat32;
     case DataType::F64: return DType::kFloat64;
     case DataType::C64: return DType::kComplex64;
+    case DataType::C128: return DType::kComplex128;
     default: return DType::kCount;
   }
 }

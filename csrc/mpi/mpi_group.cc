@@ -25,18 +25,28 @@ void kernel(void* in, void* inout, int* len, Handle*) {
   reduce_into(inout, in, size_t(*len), T, R);
 }
 
+// Max and min of floats (NaN propagates) and complex numbers (MPI has no order for them; ours
+// is MLX's: real part, then imaginary part), as user ops: [type][0 max, 1 min].
+constexpr DType kUserTypes[] = {DType::kFloat32, DType::kFloat64, DType::kComplex64,
+                                DType::kComplex128};
 struct UserOps {
-  Handle max32 = nullptr, min32 = nullptr, max64 = nullptr, min64 = nullptr;
+  Handle ops[4][2] = {};
 };
+
+template <DType T>
+void create_pair(Lib& lib, Handle* pair) {
+  check(lib, lib.Op_create(kernel<T, ReduceOp::kMax>, 1, &pair[0]), "MPI_Op_create");
+  check(lib, lib.Op_create(kernel<T, ReduceOp::kMin>, 1, &pair[1]), "MPI_Op_create");
+}
 
 UserOps& user_ops(Lib& lib) {
   static UserOps ops = [&lib] {
     UserOps o;
     std::lock_guard<std::mutex> lock(lib.mu);
-    check(lib, lib.Op_create(kernel<DType::kFloat32, ReduceOp::kMax>, 1, &o.max32), "MPI_Op_create");
-    check(lib, lib.Op_create(kernel<DType::kFloat32, ReduceOp::kMin>, 1, &o.min32), "MPI_Op_create");
-    check(lib, lib.Op_create(kernel<DType::kFloat64, ReduceOp::kMax>, 1, &o.max64), "MPI_Op_create");
-    check(lib, lib.Op_create(kernel<DType::kFloat64, ReduceOp::kMin>, 1, &o.min64), "MPI_Op_create");
+    create_pair<DType::kFloat32>(lib, o.ops[0]);
+    create_pair<DType::kFloat64>(lib, o.ops[1]);
+    create_pair<DType::kComplex64>(lib, o.ops[2]);
+    create_pair<DType::kComplex128>(lib, o.ops[3]);
     return o;
   }();
   return ops;
@@ -105,13 +115,12 @@ void MpiGroup::agree(const Header& mine) {
 }
 
 Handle MpiGroup::op_for(DType t, ReduceOp op) const {
-  if (t == DType::kBool) return (op == ReduceOp::kSum || op == ReduceOp::kMax) ? lib_.bor : lib_.band;
-  if (t == DType::kFloat32 || t == DType::kFloat64) {
-    UserOps& u = user_ops(lib_);
-    bool wide = t == DType::kFloat64;
-    if (op == ReduceOp::kMax) return wide ? u.max64 : u.max32;
-    if (op == ReduceOp::kMin) return wide ? u.min64 : u.min32;
-  }
+  if (op == ReduceOp::kXor) return lib_.bxor;  // bool too: 0/1 bytes stay 0/1
+  if (t == DType::kBool || op == ReduceOp::kAnd || op == ReduceOp::kOr)
+    return (op == ReduceOp::kSum || op == ReduceOp::kMax || op == ReduceOp::kOr) ? lib_.bor : lib_.band;
+  if (op == ReduceOp::kMax || op == ReduceOp::kMin)
+    for (int i = 0; i < 4; ++i)
+      if (kUserTypes[i] == t) return user_ops(lib_).ops[i][op == ReduceOp::kMin];
   switch (op) {
     case ReduceOp::kSum: return lib_.sum;
     case ReduceOp::kMax: return lib_.max;

@@ -59,6 +59,7 @@ void resolve_mpich(Lib* lib) {
   lib->prod = h(0x58000004);
   lib->band = h(0x58000006);
   lib->bor = h(0x58000008);
+  lib->bxor = h(0x5800000a);
   auto type = [&](DType t, uintptr_t v) { lib->types[size_t(t)] = h(v); };
   type(DType::kBool, 0x4c00013b);  // uint8_t: 0/1 bytes, OR and AND as bitwise ops
   type(DType::kInt8, 0x4c000137);
@@ -72,6 +73,7 @@ void resolve_mpich(Lib* lib) {
   type(DType::kFloat32, 0x4c00040a);
   type(DType::kFloat64, 0x4c00080b);
   type(DType::kComplex64, 0x4c000840);  // MPI_C_FLOAT_COMPLEX
+  type(DType::kComplex128, 0x4c001041);  // MPI_C_DOUBLE_COMPLEX
 }
 
 // Open MPI's predefined handles: its objects, by name.
@@ -91,6 +93,7 @@ void resolve_open_mpi(void* h, Lib* lib, std::string& missing) {
   lib->prod = obj("ompi_mpi_op_prod");
   lib->band = obj("ompi_mpi_op_band");
   lib->bor = obj("ompi_mpi_op_bor");
+  lib->bxor = obj("ompi_mpi_op_bxor");
   auto type = [&](DType t, const char* name) { lib->types[size_t(t)] = obj(name); };
   type(DType::kBool, "ompi_mpi_uint8_t");  // 0/1 bytes: OR and AND as bitwise ops
   type(DType::kInt8, "ompi_mpi_int8_t");
@@ -104,6 +107,7 @@ void resolve_open_mpi(void* h, Lib* lib, std::string& missing) {
   type(DType::kFloat32, "ompi_mpi_float");
   type(DType::kFloat64, "ompi_mpi_double");
   type(DType::kComplex64, "ompi_mpi_c_float_complex");
+  type(DType::kComplex128, "ompi_mpi_c_double_complex");
 }
 
 Lib* resolve(void* h, const std::string& path, std::string* why) {

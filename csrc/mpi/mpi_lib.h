@@ -24,7 +24,7 @@ struct Lib {
   // Predefined objects.
   Handle comm_world, errors_return, request_null, byte;
   Handle types[size_t(DType::kCount)] = {};  // nullptr: no builtin type for this dtype
-  Handle sum, max, min, prod, band, bor;
+  Handle sum, max, min, prod, band, bor, bxor;
   // Functions (as in mpi.h, with every handle a pointer).
   int (*Initialized)(int*);
   int (*Finalized)(int*);

@@ -50,7 +50,7 @@ int red_op(DType t, ReduceOp op) {
 }  // namespace
 
 bool NcclGroup::runs(DType t, ReduceOp op) const {
-  if (data_type(t) < 0) return false;
+  if (data_type(t) < 0 || op >= ReduceOp::kAnd) return false;  // NCCL has no bitwise ops
   if (t == DType::kComplex64) return op == ReduceOp::kSum;
   // NCCL's float max/min (fmaxf) drop NaN; every backend here propagates it.
   const bool floating = t == DType::kFloat16 || t == DType::kBFloat16 || t == DType::kFloat32 ||

@@ -9,23 +9,13 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/prefault.h"
 #include "ring/algorithms.h"
 #include "transport/shm.h"
 #include "bootstrap/tcp_mesh.h"
 
 namespace mlxdist::ring {
 namespace {
-
-// XLA hands us a fresh output buffer; faulting its pages in one call is much cheaper than
-// one fault per page while the data lands (large gathers otherwise spend most of their time
-// there). Best effort: kernels before 5.14 lack MADV_POPULATE_WRITE.
-void prefault(void* p, size_t bytes) {
-  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE
-  if (bytes < (1u << 20)) return;
-  const uintptr_t page = 4096, start = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(page - 1);
-  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, kPopulateWrite);
-}
 
 Deadline deadline_after(double seconds) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));

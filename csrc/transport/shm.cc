@@ -416,8 +416,19 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
         size_t first = std::min<size_t>(n, ring_bytes_ - pos);
         if (is_recv) {
           if (s.combine) {
-            s.combine(p, data + pos, first);
-            if (n > first) s.combine(p + first, data, n - first);
+            // Whole elements only: one wider than the 8-byte alignment (complex128) may
+            // straddle the ring's end, and is put together first.
+            const size_t whole = first - first % s.grain, cut = first - whole;
+            s.combine(p, data + pos, whole);
+            size_t at = first;
+            if (cut) {
+              char element[64];
+              std::memcpy(element, data + pos + whole, cut);
+              std::memcpy(element + cut, data, s.grain - cut);
+              s.combine(p + whole, element, s.grain);
+              at = whole + s.grain;
+            }
+            if (n > at) s.combine(p + at, data + (at - first), n - at);
           } else {
             std::memcpy(p, data + pos, first);
             std::memcpy(p + first, data, n - first);

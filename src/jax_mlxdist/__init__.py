@@ -17,8 +17,10 @@ from jax_mlxdist._objects import all_gather_object, broadcast_object, recv_objec
 from jax_mlxdist._ops import (
     all_gather,
     all_max,
+    all_mean,
     all_min,
     all_prod,
+    all_reduce,
     all_sum,
     all_to_all,
     barrier,
@@ -34,8 +36,8 @@ from jax_mlxdist._ops import (
 )
 
 __all__ = [
-    "DistributedError", "Group", "all_gather", "all_gather_object", "all_max", "all_min",
-    "all_prod", "all_sum", "all_to_all", "barrier", "broadcast", "broadcast_object", "gather", "init",
+    "DistributedError", "Group", "all_gather", "all_gather_object", "all_max", "all_mean", "all_min",
+    "all_prod", "all_reduce", "all_sum", "all_to_all", "barrier", "broadcast", "broadcast_object", "gather", "init",
     "is_available", "is_distributed_error", "jit", "recv", "recv_like", "recv_object", "reduce",
     "scatter", "send", "send_object", "sendrecv", "sum_scatter",
 ]

@@ -21,7 +21,8 @@ from jax_mlxdist._group import Group, resolve
 
 SUPPORTED_DTYPES = frozenset(np.dtype(d) for d in (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", jnp.bfloat16, "float32", "float64", "complex64"))
+    "float16", jnp.bfloat16, "float32", "float64", "complex64", "complex128"))
+BITWISE = ("and", "or", "xor")
 
 
 def _resolve(group: Group | None, op: str) -> Group:
@@ -76,14 +77,21 @@ def _bind(prim, *args, **params):
 VJP_MODES = ("identity", "all_sum")
 
 
-def _reduce(x, group: Group | None, op: str, vjp: str = "identity"):
-    name = f"all_{op}"
+def _check_op(x, op: str, name: str) -> None:
+    if op not in P.REDUCE:
+        raise DistributedError(f"{name}: op must be one of {list(P.REDUCE)}, got {op!r}")
+    if op in BITWISE and not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_):
+        raise DistributedError(f"{name}: op={op!r} is bitwise: integer or bool arrays only, "
+                               f"got {x.dtype}")
+
+
+def _reduce(x, group: Group | None, op: str, vjp: str = "identity", name: str = ""):
+    name = name or f"all_{op}"
     g = _resolve(group, name)
     if vjp not in VJP_MODES:
         raise DistributedError(f"{name}: vjp must be one of {VJP_MODES}, got {vjp!r}")
     x = _array(x, name)
-    if op in ("max", "min") and jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise DistributedError(f"{name}: complex values have no order")
+    _check_op(x, op, name)
     if g.size() == 1:
         return x
     return _bind(P.all_reduce_p, x, group=g._handle, reduce=P.REDUCE[op], vjp=vjp,
@@ -103,18 +111,33 @@ def all_sum(x, *, group: Group | None = None, vjp: str = "identity"):
 
 
 def all_max(x, *, group: Group | None = None):
-    """Element-wise maximum over the ranks (NaN wins)."""
+    """Element-wise maximum over the ranks (NaN wins; complex: by real, then imaginary part)."""
     return _reduce(x, group, "max")
 
 
 def all_min(x, *, group: Group | None = None):
-    """Element-wise minimum over the ranks (NaN wins)."""
+    """Element-wise minimum over the ranks (NaN wins; complex: by real, then imaginary part)."""
     return _reduce(x, group, "min")
 
 
 def all_prod(x, *, group: Group | None = None):
     """Element-wise product over the ranks."""
     return _reduce(x, group, "prod")
+
+
+def all_reduce(x, op: str = "sum", *, group: Group | None = None):
+    """Element-wise reduction over the ranks: op is "sum", "max", "min", "prod", or bitwise
+    "and", "or", "xor" (integers and bool; bool xor is parity)."""
+    return _reduce(x, group, op, name="all_reduce")
+
+
+def all_mean(x, *, group: Group | None = None, vjp: str = "identity"):
+    """all_sum(x) / size (inexact dtypes: floats and complex)."""
+    g = resolve(group, "all_mean")
+    x = _array(x, "all_mean")
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise DistributedError(f"all_mean: needs a floating or complex dtype, got {x.dtype}")
+    return all_sum(x, group=group, vjp=vjp) / jnp.asarray(g.size(), x.dtype)
 
 
 def all_gather(x, *, group: Group | None = None):
@@ -278,10 +301,7 @@ def reduce(x, root: int = 0, op: str = "sum", *, group: Group | None = None):
     g = _resolve(group, "reduce")
     x = _array(x, "reduce")
     root = _root(g, root, "reduce")
-    if op not in P.REDUCE:
-        raise DistributedError(f"reduce: op must be one of {sorted(P.REDUCE)}, got {op!r}")
-    if op in ("max", "min") and jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise DistributedError(f"reduce: complex values have no order for op={op!r}")
+    _check_op(x, op, "reduce")
     if g.size() == 1:
         return x
     return _bind(P.reduce_p, x, group=g._handle, root=root, reduce=P.REDUCE[op], rank=g.rank(),

@@ -30,8 +30,12 @@ except ImportError:  # jax 0.10: the public alias is deprecated; JAX compares by
 ShapedArray = jax.core.ShapedArray
 
 # Reduction codes shared with csrc/core/dtype.h (ReduceOp).
-REDUCE = {"sum": 0, "max": 1, "min": 2, "prod": 3}
+REDUCE = {"sum": 0, "max": 1, "min": 2, "prod": 3, "and": 4, "or": 5, "xor": 6}
 SUM, MAX, MIN = REDUCE["sum"], REDUCE["max"], REDUCE["min"]
+
+
+def reduce_name(code: int) -> str:
+    return next(k for k, v in REDUCE.items() if v == code)
 
 
 class CollectiveEffect(effects.Effect):
@@ -168,7 +172,7 @@ def _all_reduce_jvp(primals, tangents, **params):
         owner = all_reduce_p.bind(holder, **{**params, "reduce": MIN}) == rank
         own = jnp.where(owner, _dense(dx), jnp.zeros_like(y))
         return y, all_reduce_p.bind(own, **{**params, "reduce": SUM, "vjp": "identity"})
-    raise NotImplementedError("all_prod is not differentiable")
+    raise NotImplementedError(f"all_reduce with op={reduce_name(reduce)!r} is not differentiable")
 
 
 def _all_reduce_transpose(ct, x, **params):
@@ -296,7 +300,8 @@ def _zeros_unless_root(v, rank, root):
     return v if rank == root else jnp.zeros(v.shape, v.dtype)
 
 
-broadcast_p = _primitive("mlxdist_broadcast", _same, ("group", "root"))
+# Written over its input where XLA can (root's stays as it is; the others receive into it).
+broadcast_p = _primitive("mlxdist_broadcast", _same, ("group", "root"), operand_output_aliases={0: 0})
 reduce_p = _primitive("mlxdist_reduce", _same, ("group", "root", "reduce"))
 
 
