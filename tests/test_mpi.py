@@ -99,7 +99,7 @@ def body_p2p_mismatch(count):
 @pytest.mark.parametrize("count", [2, 8 << 20])
 def test_send_recv_mismatch_raises_on_both_sides_naming_both_calls(count):
     # The receiver sees the mismatch and says so in its farewell; the sender hears it while it
-    # waits (in the send itself when it is too large to go eagerly, else in the barrier).
+    # waits (its send never waits for the recv: at the barrier, or a send that hears first).
     sender, (receiver,) = run_ranks(body_p2p_mismatch, 2, args=(count,), backend="mpi",
                                     timeout=120, env={"MLXDIST_TIMEOUT": "30"})
     calls = (f"send(float32, {4 * count} bytes", f"recv(float32, {4 * count + 4} bytes")

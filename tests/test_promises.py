@@ -74,8 +74,8 @@ def body_p2p_mismatch(count, jitted):
     if g.rank() == 0:
         x = jnp.ones(count, jnp.float32)
         send = jax.jit(lambda x: dist.send(x, 1)) if jitted else (lambda x: dist.send(x, 1))
-        # Sends are eager: a small one returns before rank 1 looks, and the next call that
-        # waits for rank 1 raises; a large one raises itself.
+        # Sends never wait for their receiver: the send returns (unless rank 1's verdict is
+        # already back), and the next call that waits for rank 1 raises.
         return [attempt(lambda: send(x).block_until_ready())[0], attempt(dist.barrier)[0]]
     recv = lambda: dist.recv((count + 1,), jnp.float32, 0)  # noqa: E731
     return [attempt(lambda: (jax.jit(recv) if jitted else recv)().block_until_ready())[0]]
@@ -90,8 +90,6 @@ def test_send_recv_mismatch_raises_on_both_sides_naming_both_calls(env, count, j
     assert receiver is not None and sent in receiver and expected in receiver, receiver
     first = next((e for e in sender if e is not None), None)
     assert first is not None and sent in first and expected in first, sender
-    if count > 1 << 20:  # more than any buffer: the send itself learns of the mismatch
-        assert sender[0] is not None, sender
 
 
 def body_split_against_all_sum():
