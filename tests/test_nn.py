@@ -144,12 +144,14 @@ def test_average_gradients_and_clipping(group, rank, size):
 
     mean = jax.tree_util.tree_map(lambda *gs: np.mean([np.asarray(g, np.float32) for g in gs], axis=0),
                                   *[grads(r) for r in range(size)])
-    # Bucket size -> all_sums: 0 is one per array; 64 B splits the float32s into two buckets;
-    # the default takes one per dtype (float32, float16, bfloat16).
-    for bucket, calls in ((0, 5), (64, 4), (32 * 1024**2, 3)):
+    # Bucket size -> ops: 0 is one all_sum per array; any positive size one pytree all_sum per
+    # dtype (float32, float16, bfloat16), with no concatenation or slicing in the program.
+    for bucket, prim, calls in ((0, "mlxdist_all_reduce[", 5), (64, "mlxdist_all_reduce_many[", 3),
+                                (32 * 1024**2, "mlxdist_all_reduce_many[", 3)):
         got = jax.jit(lambda g: nn.average_gradients(g, group=group, all_reduce_size=bucket))(grads(rank))
-        assert count(lambda g: nn.average_gradients(g, group=group, all_reduce_size=bucket), grads(rank),
-                     prim="mlxdist_all_reduce") == calls
+        fn = lambda g: nn.average_gradients(g, group=group, all_reduce_size=bucket)  # noqa: E731
+        assert count(fn, grads(rank), prim=prim) == calls
+        assert count(fn, grads(rank), prim="concatenate") == count(fn, grads(rank), prim="slice") == 0
         for g_, w_, mine in zip(*map(jax.tree_util.tree_leaves, (got, mean, grads(rank)))):
             assert g_.dtype == mine.dtype and g_.shape == mine.shape
             np.testing.assert_allclose(np.asarray(g_, np.float32), w_, rtol=1e-2 if g_.dtype != jnp.float32 else 1e-6)

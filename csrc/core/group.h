@@ -78,6 +78,13 @@ class Group {
                           const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash);
   virtual void barrier() = 0;
 
+  // Several arrays of one dtype reduced in one op (a pytree's leaves), each in[i] into out[i]
+  // (out may alias in): the small ones packed into one message, the others in place, each
+  // as all_reduce would.
+  void all_reduce_many(const std::vector<const void*>& ins, const std::vector<void*>& outs,
+                       const std::vector<size_t>& counts, DType t, ReduceOp op,
+                       uint64_t shape_hash);
+
   // Rooted collectives, each built on star() below. count: elements of this rank's block.
   // broadcast: out = root's in, everywhere. reduce: root's out = the reduction over ranks (in
   // rank order: the same bits as all_reduce's); elsewhere out = in. gather: root's out = every

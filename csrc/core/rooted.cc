@@ -1,5 +1,6 @@
-// Broadcast, reduce, gather and scatter, written once over Group::star (what moves between the
-// root and each member); backends provide star.
+// Ops written once for every backend over its basic ones: broadcast, reduce, gather and
+// scatter over Group::star (what moves between the root and each member; backends provide
+// it), and the reduction of many arrays over all_reduce.
 #include <cstring>
 #include <vector>
 
@@ -16,6 +17,38 @@ void check_root(const Group& g, int root) {
 }
 
 }  // namespace
+
+// Leaves up to this size travel packed together; larger ones are reduced where they lie.
+constexpr size_t kPackBytes = 1 << 20;
+
+void Group::all_reduce_many(const std::vector<const void*>& ins, const std::vector<void*>& outs,
+                            const std::vector<size_t>& counts, DType t, ReduceOp op,
+                            uint64_t shape_hash) {
+  const size_t es = dtype_size(t);
+  std::vector<size_t> small;
+  size_t packed = 0;
+  for (size_t i = 0; i < ins.size(); ++i) {
+    if (counts[i] * es <= kPackBytes) {
+      small.push_back(i);
+      packed += counts[i];
+    } else {
+      all_reduce(ins[i], outs[i], counts[i], t, op, shape_hash ^ i);
+    }
+  }
+  if (small.empty()) return;
+  std::vector<char> pack(packed * es);
+  size_t at = 0;
+  for (size_t i : small) {
+    std::memcpy(pack.data() + at, ins[i], counts[i] * es);
+    at += counts[i] * es;
+  }
+  all_reduce(pack.data(), pack.data(), packed, t, op, shape_hash ^ packed);
+  at = 0;
+  for (size_t i : small) {
+    std::memcpy(outs[i], pack.data() + at, counts[i] * es);
+    at += counts[i] * es;
+  }
+}
 
 void Group::star(const Header& h, int root, const std::vector<Bytes>& to,
                  const std::vector<Bytes>& from) {

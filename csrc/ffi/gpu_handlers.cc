@@ -58,15 +58,14 @@ void up(void* stream, void* d, const void* h, size_t bytes) {
   gpu::copy(stream, d, 0, h, 0, bytes, 1, gpu::kHostToDevice);
 }
 
-ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
-                     ffi::Result<ffi::Token>, int64_t group, int64_t reduce) {
+ffi::Error all_reduce_to(void* stream, ffi::AnyBuffer x, void* y, int64_t group, int64_t reduce) {
   const DType t = to_dtype(x.element_type());
   const ReduceOp op = ReduceOp(reduce);
   const std::string what = std::string("all_") + reduce_name(op);
   const size_t count = x.element_count(), bytes = x.size_bytes();
   const uint64_t h = shape_hash(x.dimensions());
   auto d_in = static_cast<const char*>(x.untyped_data());
-  auto d_out = static_cast<char*>(y->untyped_data());
+  auto d_out = static_cast<char*>(y);
   return guarded(group, what, t, op, [&](Target& tg) {
     if (tg.streams) return tg.streams->all_reduce_on(stream, d_in, d_out, count, t, op, h);
     if (bytes <= kChunkBytes)
@@ -81,6 +80,11 @@ ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi
         },
         [=](const Chunk& c) { up(stream, d_out + c.first * es, c.in + c.first * es, c.elems * es); });
   });
+}
+
+ffi::Error AllReduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Result<ffi::Token>, int64_t group, int64_t reduce) {
+  return all_reduce_to(stream, x, y->untyped_data(), group, reduce);
 }
 
 ffi::Error AllGather(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
@@ -211,6 +215,20 @@ ffi::Error AllToAll(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi:
                   g.all_to_all(in, sends, out, recvs, t, h);
                 });
   });
+}
+
+// Many arrays: each one through the GPU path of all_reduce.
+ffi::Error AllReduceMany(void* stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                         int64_t group, int64_t reduce) {
+  for (size_t i = 0; i + 1 < args.size(); ++i) {
+    auto x = args.get<ffi::AnyBuffer>(i);
+    auto y = rets.get<ffi::AnyBuffer>(i);
+    if (!x.has_value() || !y.has_value())
+      return ffi::Error(ffi::ErrorCode::kInternal, std::string(kPrefix) + "all_reduce: bad operands");
+    ffi::Error e = all_reduce_to(stream, *x, (*y)->untyped_data(), group, reduce);
+    if (e.failure()) return e;
+  }
+  return ffi::Error::Success();
 }
 
 // Rooted collectives take the staged path on every backend.

@@ -51,6 +51,31 @@ ffi::Future AllReduce(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> 
   });
 }
 
+// Arrays, then the token (args and results alike).
+ffi::Future AllReduceMany(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t group,
+                          int64_t reduce) {
+  const std::string name = reduce_op_name(reduce);
+  std::vector<const void*> ins;
+  std::vector<void*> outs;
+  std::vector<size_t> counts;
+  DType t = DType::kCount;
+  uint64_t h = 0;
+  for (size_t i = 0; i + 1 < args.size(); ++i) {
+    auto x = args.get<ffi::AnyBuffer>(i);
+    auto y = rets.get<ffi::AnyBuffer>(i);
+    if (!x.has_value() || !y.has_value()) return failed(name + ": bad operands");
+    t = to_dtype(x->element_type());
+    ins.push_back(x->untyped_data());
+    outs.push_back((*y)->untyped_data());
+    counts.push_back(x->element_count());
+    h = h * 31 + shape_hash(x->dimensions());
+  }
+  if (t == DType::kCount) return failed(name + ": unsupported dtype");
+  return post(group, name, [=](Group& g) {
+    g.all_reduce_many(ins, outs, counts, t, ReduceOp(reduce), h);
+  });
+}
+
 ffi::Future AllGather(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
                       ffi::Result<ffi::Token>, int64_t group) {
   DType t = to_dtype(x.element_type());

@@ -37,6 +37,8 @@
         .Ret<xla::ffi::Token>().Attr<int64_t>("group")                                        \
         .Attr<xla::ffi::Span<const int64_t>>("send_sizes")                                    \
         .Attr<xla::ffi::Span<const int64_t>>("recv_sizes"))                                   \
+  X(AllReduceMany, "mlxdist_all_reduce_many",                                                 \
+    .RemainingArgs().RemainingRets().Attr<int64_t>("group").Attr<int64_t>("reduce"))           \
   X(Broadcast, "mlxdist_broadcast", MLXDIST_FFI_ROOTED)                                        \
   X(Reduce, "mlxdist_reduce", MLXDIST_FFI_ROOTED.Attr<int64_t>("reduce"))                      \
   X(Gather, "mlxdist_gather", MLXDIST_FFI_ROOTED)                                              \

@@ -74,6 +74,46 @@ def _bind(prim, *args, **params):
         raise_translated(e)
 
 
+def _is_tree(x) -> bool:
+    """A pytree of arrays rather than one array (None, lists, dicts, dataclasses...)."""
+    return not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+
+
+def _leafwise(op):
+    """Lets op take a pytree as its first argument: one call per leaf, in leaf order (every
+    rank flattens the same structure the same way), the same structure back."""
+    @functools.wraps(op)
+    def wrapper(x, *args, **kwargs):
+        if not _is_tree(x):
+            return op(x, *args, **kwargs)
+        like = kwargs.pop("like", None)
+        if like is not None:  # sendrecv's template: a tree of the same structure
+            return jax.tree_util.tree_map(
+                lambda leaf, t: op(leaf, *args, like=t, **kwargs), x, like)
+        return jax.tree_util.tree_map(lambda leaf: op(leaf, *args, **kwargs), x)
+    return wrapper
+
+
+def _reduce_tree(tree, g: Group, op: str, vjp: str, name: str):
+    """A pytree's leaves reduced with one op per dtype (small leaves packed, the rest in place)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    leaves = [_array(leaf, name) for leaf in leaves]
+    for leaf in leaves:
+        _check_op(leaf, op, name)
+    if g.size() == 1 or not leaves:
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+    by_dtype: dict = {}
+    for i, leaf in enumerate(leaves):
+        by_dtype.setdefault(leaf.dtype, []).append(i)
+    out = list(leaves)
+    for indices in by_dtype.values():
+        reduced = _bind(P.all_reduce_many_p, *(leaves[i] for i in indices), group=g._handle,
+                        reduce=P.REDUCE[op], vjp=vjp, rank=g.rank(), size=g.size())
+        for i, y in zip(indices, reduced):
+            out[i] = y
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 VJP_MODES = ("identity", "all_sum")
 
 
@@ -90,6 +130,8 @@ def _reduce(x, group: Group | None, op: str, vjp: str = "identity", name: str = 
     g = _resolve(group, name)
     if vjp not in VJP_MODES:
         raise DistributedError(f"{name}: vjp must be one of {VJP_MODES}, got {vjp!r}")
+    if _is_tree(x):
+        return _reduce_tree(x, g, op, vjp, name)
     x = _array(x, name)
     _check_op(x, op, name)
     if g.size() == 1:
@@ -134,12 +176,15 @@ def all_reduce(x, op: str = "sum", *, group: Group | None = None):
 def all_mean(x, *, group: Group | None = None, vjp: str = "identity"):
     """all_sum(x) / size (inexact dtypes: floats and complex)."""
     g = resolve(group, "all_mean")
-    x = _array(x, "all_mean")
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise DistributedError(f"all_mean: needs a floating or complex dtype, got {x.dtype}")
-    return all_sum(x, group=group, vjp=vjp) / jnp.asarray(g.size(), x.dtype)
+    leaves = [_array(leaf, "all_mean") for leaf in jax.tree_util.tree_leaves(x)]
+    for leaf in leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise DistributedError(f"all_mean: needs floating or complex dtypes, got {leaf.dtype}")
+    return jax.tree_util.tree_map(lambda s: s / jnp.asarray(g.size(), s.dtype),
+                                  all_sum(x, group=group, vjp=vjp))
 
 
+@_leafwise
 def all_gather(x, *, group: Group | None = None):
     """Every rank's x concatenated along axis 0, in rank order; a scalar gives shape (size,)."""
     g = _resolve(group, "all_gather")
@@ -149,6 +194,7 @@ def all_gather(x, *, group: Group | None = None):
     return _bind(P.all_gather_p, x, group=g._handle, rank=g.rank(), size=g.size())
 
 
+@_leafwise
 def sum_scatter(x, *, group: Group | None = None):
     """This rank's block (axis 0 split in size() equal parts) of the sum of x over the ranks."""
     g = _resolve(group, "sum_scatter")
@@ -174,6 +220,7 @@ def _peer(g: Group, peer, op: str, role: str) -> int:
     return peer
 
 
+@_leafwise
 def send(x, dst: int, *, group: Group | None = None):
     """Send x to rank dst; returns x, so the send stays in the computation."""
     g = _resolve(group, "send")
@@ -201,6 +248,7 @@ def recv(shape, dtype, src: int, *, group: Group | None = None):
     return recv_like(jnp.zeros(shape, dtype), src, group=group)
 
 
+@_leafwise
 def recv_like(x, src: int, *, group: Group | None = None):
     """Receive an array shaped like x from rank src.
 
@@ -213,6 +261,7 @@ def recv_like(x, src: int, *, group: Group | None = None):
     return _bind(P.recv_p, x, group=g._handle, src=src, tag=0)
 
 
+@_leafwise
 def sendrecv(x, dst: int, src: int, *, group: Group | None = None, like=None):
     """Send x to rank dst and receive from rank src in one op (as MPI_Sendrecv, or one step
     of lax.ppermute); returns what src sent, shaped like `like` (default: like x).
@@ -244,6 +293,7 @@ def _sizes(sizes, n: int, rows: int, what: str) -> tuple:
     return sizes
 
 
+@_leafwise
 def all_to_all(x, *, group: Group | None = None, split_sizes=None, recv_sizes=None):
     """Axis 0 of x split in size() blocks, block i sent to rank i; returns the blocks every
     rank sent here, concatenated on axis 0 in rank order (as lax.all_to_all with
@@ -284,6 +334,7 @@ def _root(g: Group, root, op: str) -> int:
     return int(root)
 
 
+@_leafwise
 def broadcast(x, root: int = 0, *, group: Group | None = None):
     """root's x on every rank (every rank passes an x of that shape and dtype; only root's
     values are used). Its gradient sums every rank's cotangent at root."""
@@ -295,6 +346,7 @@ def broadcast(x, root: int = 0, *, group: Group | None = None):
     return _bind(P.broadcast_p, x, group=g._handle, root=root, rank=g.rank(), size=g.size())
 
 
+@_leafwise
 def reduce(x, root: int = 0, op: str = "sum", *, group: Group | None = None):
     """The reduction of x over the ranks (op: "sum", "max", "min", "prod"), at root, with the
     bits all_reduce gives; the other ranks get their own x back (as mpi4jax's reduce)."""
@@ -308,6 +360,7 @@ def reduce(x, root: int = 0, op: str = "sum", *, group: Group | None = None):
                  size=g.size())
 
 
+@_leafwise
 def gather(x, root: int = 0, *, group: Group | None = None):
     """At root, every rank's x concatenated on axis 0 in rank order (a scalar gives shape
     (size,)); the other ranks get their own x back (as mpi4jax's gather). Every rank's x has
@@ -323,6 +376,7 @@ def gather(x, root: int = 0, *, group: Group | None = None):
     return out.reshape(()) if scalar and g.rank() != root else out
 
 
+@_leafwise
 def scatter(x, root: int = 0, *, group: Group | None = None):
     """Root's x split on axis 0 into size() equal blocks, block i to rank i. Elsewhere x gives
     only the shape and dtype of one block (as mpi4jax's scatter)."""

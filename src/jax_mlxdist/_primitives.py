@@ -82,7 +82,10 @@ def _lowering(target: str, attrs, *, operands: bool = True, **lowering_args):
         token = ctx.tokens_in.get(effect)
         ctx_tok = ctx.replace(avals_in=(*avals_in, abstract_token),
                               avals_out=(*ctx.avals_out, abstract_token))
-        lower = jax.ffi.ffi_lowering(target, has_side_effect=True, **lowering_args)
+        extra = dict(lowering_args)
+        if extra.pop("alias_all", False):  # one result per operand, written over it
+            extra["operand_output_aliases"] = {i: i for i in range(k)}
+        lower = jax.ffi.ffi_lowering(target, has_side_effect=True, **extra)
         results = list(lower(ctx_tok, *args, token,
                              **{k: attr(params[k]) for k in attrs}))
         ctx.set_tokens_out(mlir.TokenSet({effect: results.pop()}))
@@ -184,6 +187,36 @@ def _all_reduce_transpose(ct, x, **params):
 
 _rules(all_reduce_p, jvp=_all_reduce_jvp, transpose=_all_reduce_transpose,
        batch=_elementwise_batch(all_reduce_p))
+
+
+# --- all_reduce_many: a pytree's leaves of one dtype in one op ----------------------------------
+def _many_same(*xs, **_):
+    return [_same(x) for x in xs]
+
+
+all_reduce_many_p = _primitive("mlxdist_all_reduce_many", _many_same, ("group", "reduce"),
+                               multiple_results=True, alias_all=True)
+
+
+def _all_reduce_many_jvp(primals, tangents, **params):
+    if params["reduce"] != SUM:
+        raise NotImplementedError("the reduction of a pytree is differentiable for sums only")
+    return (all_reduce_many_p.bind(*primals, **params),
+            all_reduce_many_p.bind(*map(_dense, tangents), **params))
+
+
+def _all_reduce_many_transpose(cts, *xs, **params):
+    if params["vjp"] == "identity":  # each output is one replicated value
+        return list(cts)
+    return all_reduce_many_p.bind(*map(_dense, cts), **params)
+
+
+def _all_reduce_many_batch(args, dims, **params):
+    return all_reduce_many_p.bind(*args, **params), list(dims)
+
+
+_rules(all_reduce_many_p, jvp=_all_reduce_many_jvp, transpose=_all_reduce_many_transpose,
+       batch=_all_reduce_many_batch)
 
 
 # --- all_gather ---------------------------------------------------------------------------------

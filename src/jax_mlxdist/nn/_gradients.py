@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jax_mlxdist as dist
 from jax_mlxdist.nn._sharding import group_for
@@ -12,46 +11,29 @@ from jax_mlxdist.nn._sharding import group_for
 
 def average_gradients(grads, group: dist.Group | None = None, all_reduce_size: int = 32 * 1024**2,
                       communication_type=None):
-    """The mean of every rank's gradients (as MLX). Small arrays are concatenated into buckets of
-    up to all_reduce_size bytes per dtype, so a model's gradients take few all_sums; 0 or less
-    means one all_sum per array. communication_type casts the buckets for the wire (e.g.
-    jnp.bfloat16 to halve the bytes) and back."""
+    """The mean of every rank's gradients (as MLX), as one pytree all_sum: one op per dtype
+    whose small arrays travel packed together and whose large ones are reduced where they lie
+    (no concatenation or slicing in the program). all_reduce_size is MLX's bucket size: 0 or
+    less makes one all_sum per array; any positive value the pytree all_sum. communication_type
+    casts the arrays for the wire (e.g. jnp.bfloat16 to halve the bytes) and back."""
     g = group_for(group, "average_gradients")
     n = g.size()
     if n == 1:
         return grads
     leaves, treedef = jax.tree_util.tree_flatten(grads)
+    # Gradients of integer inputs (allow_int=True) are float0: no data, nothing to average.
+    moving = [i for i, leaf in enumerate(leaves)
+              if (getattr(leaf, "dtype", None) or jnp.asarray(leaf).dtype) != jax.dtypes.float0]
+    wire = [jnp.asarray(leaves[i]) for i in moving]
+    if communication_type is not None:
+        wire = [w.astype(communication_type) for w in wire]
+    if all_reduce_size <= 0:
+        summed = [dist.all_sum(w, group=g) for w in wire]
+    else:
+        summed = dist.all_sum(wire, group=g)
     out = list(leaves)
-    buckets: dict = {}
-    for i, leaf in enumerate(leaves):
-        dtype = getattr(leaf, "dtype", None) or jnp.asarray(leaf).dtype
-        if dtype == jax.dtypes.float0:  # gradients of integer inputs (allow_int=True): no data
-            continue
-        buckets.setdefault(jnp.dtype(dtype), []).append(i)
-
-    def reduce(indices):
-        flat = jnp.concatenate([jnp.ravel(jnp.asarray(leaves[i])) for i in indices])
-        wire = flat.astype(communication_type) if communication_type is not None else flat
-        total = dist.all_sum(wire, group=g).astype(flat.dtype) / n
-        offsets = np.cumsum([0] + [int(np.prod(jnp.shape(leaves[i]))) for i in indices])
-        for j, i in enumerate(indices):
-            out[i] = total[offsets[j]:offsets[j + 1]].reshape(jnp.shape(leaves[i]))
-
-    for dtype, indices in buckets.items():
-        if all_reduce_size <= 0:
-            for i in indices:
-                reduce([i])
-            continue
-        bucket, size = [], 0
-        for i in indices:
-            nbytes = int(np.prod(jnp.shape(leaves[i]))) * jnp.dtype(dtype).itemsize
-            if bucket and size + nbytes > all_reduce_size:
-                reduce(bucket)
-                bucket, size = [], 0
-            bucket.append(i)
-            size += nbytes
-        if bucket:
-            reduce(bucket)
+    for i, s in zip(moving, summed):
+        out[i] = (s.astype(jnp.asarray(leaves[i]).dtype) / n).astype(jnp.asarray(leaves[i]).dtype)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
