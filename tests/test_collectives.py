@@ -238,8 +238,8 @@ def test_bitwise_reductions_and_mean(rank, size):
 
 @pytest.mark.ranks(3)
 def test_pytrees(rank, size):
-    """Every collective takes a pytree and gives the same structure back; all_sum's leaves of
-    one dtype travel in one op (small ones packed, large ones in place)."""
+    """Every collective takes a pytree and gives the same structure back; all_sum's small leaves
+    of one dtype travel in one op, packed; large ones one op each, in place."""
     import jax
     import jax.numpy as jnp
     import jax_mlxdist as dist
@@ -255,7 +255,9 @@ def test_pytrees(rank, size):
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(total)
         for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(total)):
             np.testing.assert_allclose(np.asarray(g, np.float32), w.astype(np.float32))
-    assert str(jax.make_jaxpr(dist.all_sum)(tree(rank))).count("mlxdist_all_reduce_many[") == 3
+    program = str(jax.make_jaxpr(dist.all_sum)(tree(rank)))
+    assert program.count("mlxdist_all_reduce_many[") == 3  # float32, int32, float16
+    assert program.count("mlxdist_all_reduce[") == 1  # "big": 2 MiB
     maxed = dist.all_max(tree(rank))
     np.testing.assert_array_equal(maxed["b"][0], np.arange(5) * (size - 1))
     # The rest go leaf by leaf.

@@ -94,8 +94,14 @@ def _leafwise(op):
     return wrapper
 
 
+# Leaves up to this size are reduced together, packed into one message (csrc/core/rooted.cc
+# packs up to the same size); larger ones get an op each, reduced in place, so XLA overlaps
+# what it does with one leaf with the network moving the next.
+PACK_BYTES = 1 << 20
+
+
 def _reduce_tree(tree, g: Group, op: str, vjp: str, name: str):
-    """A pytree's leaves reduced with one op per dtype (small leaves packed, the rest in place)."""
+    """A pytree's leaves reduced: the small ones of each dtype in one op, the rest one op each."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     leaves = [_array(leaf, name) for leaf in leaves]
     for leaf in leaves:
@@ -103,9 +109,13 @@ def _reduce_tree(tree, g: Group, op: str, vjp: str, name: str):
     if g.size() == 1 or not leaves:
         return jax.tree_util.tree_unflatten(treedef, leaves)
     by_dtype: dict = {}
-    for i, leaf in enumerate(leaves):
-        by_dtype.setdefault(leaf.dtype, []).append(i)
     out = list(leaves)
+    for i, leaf in enumerate(leaves):
+        if leaf.size * leaf.dtype.itemsize > PACK_BYTES:
+            out[i] = _bind(P.all_reduce_p, leaf, group=g._handle, reduce=P.REDUCE[op], vjp=vjp,
+                           rank=g.rank(), size=g.size())
+        else:
+            by_dtype.setdefault(leaf.dtype, []).append(i)
     for indices in by_dtype.values():
         reduced = _bind(P.all_reduce_many_p, *(leaves[i] for i in indices), group=g._handle,
                         reduce=P.REDUCE[op], vjp=vjp, rank=g.rank(), size=g.size())

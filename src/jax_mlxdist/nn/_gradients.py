@@ -11,10 +11,10 @@ from jax_mlxdist.nn._sharding import group_for
 
 def average_gradients(grads, group: dist.Group | None = None, all_reduce_size: int = 32 * 1024**2,
                       communication_type=None):
-    """The mean of every rank's gradients (as MLX), as one pytree all_sum: one op per dtype
-    whose small arrays travel packed together and whose large ones are reduced where they lie
-    (no concatenation or slicing in the program). all_reduce_size is MLX's bucket size: 0 or
-    less makes one all_sum per array; any positive value the pytree all_sum. communication_type
+    """The mean of every rank's gradients (as MLX), as one pytree all_sum: the small arrays of
+    each dtype travel packed in one op, the large ones one op each, reduced where they lie (no
+    concatenation or slicing in the program). all_reduce_size is MLX's bucket size: 0 or less
+    makes one all_sum per array; any positive value the pytree all_sum. communication_type
     casts the arrays for the wire (e.g. jnp.bfloat16 to halve the bytes) and back."""
     g = group_for(group, "average_gradients")
     n = g.size()
