@@ -2,7 +2,6 @@
 
 #include <pthread.h>
 
-#include <cstring>
 #include <future>
 #include <thread>
 #include <sstream>
@@ -19,46 +18,6 @@ std::string Group::label() const {
 void Group::check_peer(int peer, const char* what) const {
   if (peer < 0 || peer >= size() || peer == rank())
     fail("invalid ", what, " rank ", peer, " for this rank ", rank(), " of a group of size ", size());
-}
-
-void Group::sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash, void* out,
-                     size_t recv_count, int src, uint64_t recv_hash, DType t, int tag) {
-  send(in, send_count, t, dst, send_hash, tag);
-  recv(out, recv_count, t, src, recv_hash, tag);
-}
-
-BlockOffsets keep_own_block(const void* in, const std::vector<size_t>& send_counts, void* out,
-                            const std::vector<size_t>& recv_counts, size_t es, int me) {
-  BlockOffsets b = block_offsets(send_counts, recv_counts, es, me);
-  std::memcpy(static_cast<char*>(out) + b.recv_at[me], static_cast<const char*>(in) + b.send_at[me],
-              send_counts[me] * es);
-  return b;
-}
-
-BlockOffsets block_offsets(const std::vector<size_t>& send_counts,
-                           const std::vector<size_t>& recv_counts, size_t es, int me) {
-  const size_t n = send_counts.size();
-  if (recv_counts.size() != n) fail("all_to_all: ", n, " send counts but ", recv_counts.size(), " recv counts");
-  if (recv_counts[me] != send_counts[me])
-    fail("all_to_all: this rank keeps ", send_counts[me], " elements of its own block but expects ",
-         recv_counts[me]);
-  BlockOffsets b{std::vector<size_t>(n + 1, 0), std::vector<size_t>(n + 1, 0)};
-  for (size_t p = 0; p < n; ++p) {
-    b.send_at[p + 1] = b.send_at[p] + send_counts[p] * es;
-    b.recv_at[p + 1] = b.recv_at[p] + recv_counts[p] * es;
-  }
-  return b;
-}
-
-void Group::all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,
-                       const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash) {
-  const int n = size(), me = rank();
-  const auto b = keep_own_block(in, send_counts, out, recv_counts, dtype_size(t), me);
-  for (int k = 1; k < n; ++k) {  // round k: to rank + k, from rank - k
-    const int to = (me + k) % n, from = (me - k + n) % n;
-    sendrecv(static_cast<const char*>(in) + b.send_at[to], send_counts[to], to, shape_hash,
-             static_cast<char*>(out) + b.recv_at[from], recv_counts[from], from, shape_hash, t, 0);
-  }
 }
 
 Engine::Engine(std::shared_ptr<Group> group)

@@ -1,6 +1,7 @@
 // Ops written once for every backend over its basic ones: broadcast, reduce, gather and
 // scatter over Group::star (what moves between the root and each member; backends provide
-// it), and the reduction of many arrays over all_reduce.
+// it), the reduction of many arrays over all_reduce, and the default sendrecv, all_to_all and
+// star, composed of point-to-point calls (backends override them with one exchange).
 #include <cstring>
 #include <vector>
 
@@ -17,6 +18,46 @@ void check_root(const Group& g, int root) {
 }
 
 }  // namespace
+
+void Group::sendrecv(const void* in, size_t send_count, int dst, uint64_t send_hash, void* out,
+                     size_t recv_count, int src, uint64_t recv_hash, DType t, int tag) {
+  send(in, send_count, t, dst, send_hash, tag);
+  recv(out, recv_count, t, src, recv_hash, tag);
+}
+
+BlockOffsets keep_own_block(const void* in, const std::vector<size_t>& send_counts, void* out,
+                            const std::vector<size_t>& recv_counts, size_t es, int me) {
+  BlockOffsets b = block_offsets(send_counts, recv_counts, es, me);
+  std::memcpy(static_cast<char*>(out) + b.recv_at[me], static_cast<const char*>(in) + b.send_at[me],
+              send_counts[me] * es);
+  return b;
+}
+
+BlockOffsets block_offsets(const std::vector<size_t>& send_counts,
+                           const std::vector<size_t>& recv_counts, size_t es, int me) {
+  const size_t n = send_counts.size();
+  if (recv_counts.size() != n) fail("all_to_all: ", n, " send counts but ", recv_counts.size(), " recv counts");
+  if (recv_counts[me] != send_counts[me])
+    fail("all_to_all: this rank keeps ", send_counts[me], " elements of its own block but expects ",
+         recv_counts[me]);
+  BlockOffsets b{std::vector<size_t>(n + 1, 0), std::vector<size_t>(n + 1, 0)};
+  for (size_t p = 0; p < n; ++p) {
+    b.send_at[p + 1] = b.send_at[p] + send_counts[p] * es;
+    b.recv_at[p + 1] = b.recv_at[p] + recv_counts[p] * es;
+  }
+  return b;
+}
+
+void Group::all_to_all(const void* in, const std::vector<size_t>& send_counts, void* out,
+                       const std::vector<size_t>& recv_counts, DType t, uint64_t shape_hash) {
+  const int n = size(), me = rank();
+  const auto b = keep_own_block(in, send_counts, out, recv_counts, dtype_size(t), me);
+  for (int k = 1; k < n; ++k) {  // round k: to rank + k, from rank - k
+    const int to = (me + k) % n, from = (me - k + n) % n;
+    sendrecv(static_cast<const char*>(in) + b.send_at[to], send_counts[to], to, shape_hash,
+             static_cast<char*>(out) + b.recv_at[from], recv_counts[from], from, shape_hash, t, 0);
+  }
+}
 
 // Leaves up to this size travel packed together; larger ones are reduced where they lie.
 constexpr size_t kPackBytes = 1 << 20;
