@@ -101,13 +101,18 @@ PACK_BYTES = 1 << 20
 
 
 def _reduce_tree(tree, g: Group, op: str, vjp: str, name: str):
-    """A pytree's leaves reduced: the small ones of each dtype in one op, the rest one op each."""
+    """A pytree's leaves reduced, one op each; for sums the small leaves of each dtype share
+    one op instead."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     leaves = [_array(leaf, name) for leaf in leaves]
     for leaf in leaves:
         _check_op(leaf, op, name)
     if g.size() == 1 or not leaves:
         return jax.tree_util.tree_unflatten(treedef, leaves)
+    if op != "sum":  # packing pays for gradient sums; the others keep their per-array rules
+        return jax.tree_util.tree_unflatten(treedef, [
+            _bind(P.all_reduce_p, leaf, group=g._handle, reduce=P.REDUCE[op], vjp=vjp,
+                  rank=g.rank(), size=g.size()) for leaf in leaves])
     by_dtype: dict = {}
     out = list(leaves)
     for i, leaf in enumerate(leaves):
