@@ -173,18 +173,7 @@ void Group::reduce(const void* in, void* out, size_t count, DType t, ReduceOp op
   std::memcpy(all.data() + root * bytes, in, bytes);
   for (int p = 0; p < n; ++p) from[p] = {all.data() + p * bytes, bytes};
   if (n > 1) star(h, root, to, from);
-  if (widened(t, op)) {
-    std::vector<float> acc(count), next(count);
-    to_float32(all.data(), acc.data(), count, t);
-    for (int p = 1; p < n; ++p) {
-      to_float32(all.data() + p * bytes, next.data(), count, t);
-      reduce_into(acc.data(), next.data(), count, DType::kFloat32, op);
-    }
-    from_float32(acc.data(), out, count, t);
-    return;
-  }
-  std::memcpy(out, all.data(), bytes);
-  for (int p = 1; p < n; ++p) reduce_into(out, all.data() + p * bytes, count, t, op);
+  reduce_blocks(out, all.data(), n, count, t, op, widened(t, op));
 }
 
 }  // namespace mlxdist

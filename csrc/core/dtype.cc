@@ -4,6 +4,7 @@
 #include <complex>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "core/error.h"
 
@@ -183,6 +184,28 @@ void reduce_to(void* out, const void* a, const void* b, size_t n, DType t, Reduc
     case DType::kComplex128: return reduce_typed<std::complex<double>>(out, a, b, n, op);
     default: fail("unknown dtype code ", int(t));
   }
+}
+
+void reduce_blocks(void* out, const void* blocks, int n, size_t count, DType t, ReduceOp op,
+                   bool widen) {
+  const char* b = static_cast<const char*>(blocks);
+  const size_t bytes = count * dtype_size(t);
+  if (widen) {
+    std::vector<float> acc(count), next(count);
+    to_float32(b, acc.data(), count, t);
+    for (int i = 1; i < n; ++i) {
+      to_float32(b + i * bytes, next.data(), count, t);
+      reduce_into(acc.data(), next.data(), count, DType::kFloat32, op);
+    }
+    from_float32(acc.data(), out, count, t);
+    return;
+  }
+  if (n == 1) {
+    std::memmove(out, b, bytes);
+    return;
+  }
+  reduce_to(out, b, b + bytes, count, t, op);
+  for (int i = 2; i < n; ++i) reduce_into(out, b + i * bytes, count, t, op);
 }
 
 void to_float32(const void* in, float* out, size_t n, DType t) {

@@ -31,6 +31,11 @@ inline void reduce_into(void* acc, const void* in, size_t count, DType t, Reduce
   reduce_to(acc, acc, in, count, t, op);
 }
 
+// out = the reduction of n consecutive blocks of count elements, in block (rank) order, so
+// every rank that does it gets the same bits; widen: accumulate float16/bfloat16 in float32.
+void reduce_blocks(void* out, const void* blocks, int n, size_t count, DType t, ReduceOp op,
+                   bool widen);
+
 // Widening and narrowing for float16/bfloat16 (round to nearest even).
 void to_float32(const void* in, float* out, size_t count, DType t);
 void from_float32(const float* in, void* out, size_t count, DType t);

@@ -34,10 +34,23 @@ inline DType to_dtype(xla::ffi::DataType t) {
   }
 }
 
-inline uint64_t shape_hash(xla::ffi::Span<const int64_t> dims) {
-  uint64_t h = 0xcbf29ce484222325ull ^ dims.size();  // FNV-1a over rank and extents
-  for (int64_t d : dims) h = (h ^ uint64_t(d)) * 0x100000001b3ull;
+// FNV-1a over rank and extents; from 1: without the first extent (all_to_all's blocks may
+// differ in rows, never in the rest).
+inline uint64_t shape_hash(xla::ffi::Span<const int64_t> dims, size_t from = 0) {
+  uint64_t h = 0xcbf29ce484222325ull ^ dims.size();
+  for (size_t i = from; i < dims.size(); ++i) h = (h ^ uint64_t(dims[i])) * 0x100000001b3ull;
   return h;
+}
+
+// A rooted collective's block, which every rank has alike: gather's input, scatter's output,
+// the others' input. Its element count and shape hash.
+struct RootedBlock {
+  size_t count;
+  uint64_t hash;
+};
+inline RootedBlock rooted_block(xla::ffi::AnyBuffer x, xla::ffi::AnyBuffer y, bool is_output) {
+  const xla::ffi::AnyBuffer& b = is_output ? y : x;
+  return {b.element_count(), shape_hash(b.dimensions())};
 }
 
 // Rows of axis 0 (all_to_all's sizes) as element counts, rows of `row` elements each.
@@ -45,13 +58,6 @@ inline std::vector<size_t> row_counts(xla::ffi::Span<const int64_t> rows, size_t
   std::vector<size_t> out;
   for (int64_t r : rows) out.push_back(size_t(r) * row);
   return out;
-}
-
-// A shape without its first extent: all_to_all's blocks may differ in rows, never in the rest.
-inline uint64_t row_shape_hash(xla::ffi::Span<const int64_t> dims) {
-  uint64_t h = 0xcbf29ce484222325ull ^ dims.size();
-  for (size_t i = 1; i < dims.size(); ++i) h = (h ^ uint64_t(dims[i])) * 0x100000001b3ull;
-  return h;
 }
 
 inline size_t row_elements(xla::ffi::Span<const int64_t> dims) {

@@ -204,7 +204,7 @@ ffi::Error AllToAll(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi:
   const DType t = to_dtype(x.element_type());
   const size_t row = row_elements(x.dimensions());
   const auto sends = row_counts(send_sizes, row), recvs = row_counts(recv_sizes, row);
-  const uint64_t h = row_shape_hash(x.dimensions());
+  const uint64_t h = shape_hash(x.dimensions(), 1);
   const void* d_in = x.untyped_data();
   void* d_out = y->untyped_data();
   return guarded(group, "all_to_all", t == DType::kCount ? t : DType::kUInt8, ReduceOp::kSum,
@@ -245,34 +245,31 @@ ffi::Error rooted(void* stream, const std::string& name, ffi::AnyBuffer& x,
   });
 }
 
+using Rooted = void (Group::*)(const void*, void*, size_t, DType, int, uint64_t);
+
+ffi::Error rooted_op(void* stream, const char* name, Rooted op, ffi::AnyBuffer& x,
+                     ffi::Result<ffi::AnyBuffer>& y, int64_t group, int64_t root,
+                     bool block_is_output) {
+  const DType t = to_dtype(x.element_type());
+  const RootedBlock b = rooted_block(x, *y, block_is_output);
+  return rooted(stream, name, x, y, group, [=](Group& g, void* in, void* out) {
+    (g.*op)(in, out, b.count, t, int(root), b.hash);
+  });
+}
+
 ffi::Error Broadcast(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
                      ffi::Result<ffi::Token>, int64_t group, int64_t root) {
-  const DType t = to_dtype(x.element_type());
-  const size_t count = x.element_count();
-  const uint64_t h = shape_hash(x.dimensions());
-  return rooted(stream, "broadcast", x, y, group, [=](Group& g, void* in, void* out) {
-    g.broadcast(in, out, count, t, int(root), h);
-  });
+  return rooted_op(stream, "broadcast", &Group::broadcast, x, y, group, root, false);
 }
 
 ffi::Error Gather(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
                   ffi::Result<ffi::Token>, int64_t group, int64_t root) {
-  const DType t = to_dtype(x.element_type());
-  const size_t count = x.element_count();
-  const uint64_t h = shape_hash(x.dimensions());
-  return rooted(stream, "gather", x, y, group, [=](Group& g, void* in, void* out) {
-    g.gather(in, out, count, t, int(root), h);
-  });
+  return rooted_op(stream, "gather", &Group::gather, x, y, group, root, false);
 }
 
 ffi::Error Scatter(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,
                    ffi::Result<ffi::Token>, int64_t group, int64_t root) {
-  const DType t = to_dtype(x.element_type());
-  const size_t count = y->element_count();
-  const uint64_t h = shape_hash(y->dimensions());
-  return rooted(stream, "scatter", x, y, group, [=](Group& g, void* in, void* out) {
-    g.scatter(in, out, count, t, int(root), h);
-  });
+  return rooted_op(stream, "scatter", &Group::scatter, x, y, group, root, true);
 }
 
 ffi::Error Reduce(void* stream, ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,

@@ -146,12 +146,11 @@ ffi::Future AllToAll(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y
   void* out = y->untyped_data();
   const size_t row = row_elements(x.dimensions());
   auto sends = row_counts(send_sizes, row), recvs = row_counts(recv_sizes, row);
-  uint64_t h = row_shape_hash(x.dimensions());
+  uint64_t h = shape_hash(x.dimensions(), 1);
   return post(group, "all_to_all", [=](Group& g) { g.all_to_all(in, sends, out, recvs, t, h); });
 }
 
-// Rooted collectives. count: this rank's block (gather: its input; scatter: its output); the
-// hash is of a shape every rank shares (gather's input, scatter's output, the others' input).
+// Rooted collectives (ffi/decode.h says which buffer is the block every rank shares).
 using Rooted = void (Group::*)(const void*, void*, size_t, DType, int, uint64_t);
 
 ffi::Future rooted(const char* name, Rooted op, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
@@ -160,9 +159,8 @@ ffi::Future rooted(const char* name, Rooted op, ffi::AnyBuffer x, ffi::Result<ff
   if (t == DType::kCount) return failed(std::string(name) + ": unsupported dtype");
   const void* in = x.untyped_data();
   void* out = y->untyped_data();
-  const size_t count = block_is_output ? y->element_count() : x.element_count();
-  const uint64_t h = shape_hash(block_is_output ? y->dimensions() : x.dimensions());
-  return post(group, name, [=](Group& g) { (g.*op)(in, out, count, t, int(root), h); });
+  const RootedBlock b = rooted_block(x, *y, block_is_output);
+  return post(group, name, [=](Group& g) { (g.*op)(in, out, b.count, t, int(root), b.hash); });
 }
 
 ffi::Future Broadcast(ffi::AnyBuffer x, ffi::Token, ffi::Result<ffi::AnyBuffer> y,

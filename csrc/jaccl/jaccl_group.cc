@@ -25,13 +25,11 @@ std::unique_ptr<verbs::QueuePairs> connect(ring::RingGroup& control, const Optio
   if (transport == "auto")  // shared memory when every member shares this host
     transport = shm::all_on_this_host(exchange) ? "shm" : "ibverbs";
   if (transport == "shm")
-    return std::make_unique<shm::ShmQueuePairs>(me, n, arena_bytes(n, o), exchange, names, lost,
-                                                control.options().timeout_s);
+    return std::make_unique<shm::ShmQueuePairs>(me, n, arena_bytes(n, o), exchange, names, lost);
   if (transport != "ibverbs") fail("unknown JACCL transport \"", transport, "\" (auto, shm or ibverbs)");
   std::vector<std::string> devices = o.devices;
   devices.resize(n);
-  return ibverbs::connect(me, n, devices, exchange, names, lost, control.options().timeout_s,
-                          o.gid_index, o.ibverbs_lib);
+  return ibverbs::connect(me, n, devices, exchange, names, lost, o.gid_index, o.ibverbs_lib);
 }
 
 }  // namespace

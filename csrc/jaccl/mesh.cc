@@ -334,8 +334,7 @@ void all_reduce(Mesh& m, const Header& h, const char* in, char* out, size_t coun
       f.recv = {Segment{all.data() + f.peer * bytes, bytes}};
     }
     m.run(flows, false);
-    reduce_to(out, all.data(), all.data() + bytes, count, t, op);
-    for (int i = 2; i < n; ++i) reduce_into(out, all.data() + i * bytes, count, t, op);
+    reduce_blocks(out, all.data(), n, count, t, op, false);  // halves arrive widened
     return;
   }
   const auto off = block_offsets(count, n);

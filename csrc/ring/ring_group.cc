@@ -91,18 +91,7 @@ void RingGroup::all_reduce(const void* in, void* out, size_t count, DType t, Red
     work_.resize(n * bytes);
     std::memcpy(work_.data() + rank_ * bytes, in, bytes);
     ring::all_gather(ctx, work_.data(), es, Layout::blocks_of(count, n));
-    if (widen) {
-      std::vector<float> acc(count), next(count);
-      to_float32(work_.data(), acc.data(), count, t);
-      for (int i = 1; i < n; ++i) {
-        to_float32(work_.data() + i * bytes, next.data(), count, t);
-        reduce_into(acc.data(), next.data(), count, DType::kFloat32, op);
-      }
-      from_float32(acc.data(), out, count, t);
-    } else {
-      reduce_to(out, work_.data(), work_.data() + bytes, count, t, op);
-      for (int i = 2; i < n; ++i) reduce_into(out, work_.data() + i * bytes, count, t, op);
-    }
+    reduce_blocks(out, work_.data(), n, count, t, op, widen);
     return;
   }
 

@@ -200,10 +200,9 @@ struct Address {  // what a rank tells a peer about the queue pair facing it
 
 class IbvQueuePairs : public verbs::QueuePairs {
  public:
-  IbvQueuePairs(Lib& lib, int rank, int size, PeerNames names, LostPeers lost,
-                double timeout_s, int gid_index)
+  IbvQueuePairs(Lib& lib, int rank, int size, PeerNames names, LostPeers lost, int gid_index)
       : lib_(lib), rank_(rank), names_(std::move(names)), lost_(std::move(lost)),
-        timeout_s_(timeout_s), gid_index_(gid_index), peers_(size) {}
+        gid_index_(gid_index), peers_(size) {}
   ~IbvQueuePairs() override {
     close();
     for (auto& r : regs_) std::free(r.mem);
@@ -545,7 +544,6 @@ class IbvQueuePairs : public verbs::QueuePairs {
   int rank_;
   PeerNames names_;
   LostPeers lost_;
-  double timeout_s_;
   int gid_index_;  // >= 0: MLXDIST_IBV_GID_INDEX
   std::vector<Peer> peers_;
   std::vector<Dev> devs_;
@@ -582,8 +580,7 @@ std::pair<bool, std::string> available(const std::string& lib_path) {
 std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
                                            const std::vector<std::string>& devices,
                                            const AllGather& exchange,
-                                           PeerNames names, LostPeers lost,
-                                           double timeout_s, int gid_index,
+                                           PeerNames names, LostPeers lost, int gid_index,
                                            const std::string& lib_path) {
   std::unique_ptr<IbvQueuePairs> qps;
   std::string err;
@@ -594,7 +591,7 @@ std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
       fail("RDMA devices listed for ", devices.size(), " ranks, the group has ", size);
     Lib* lib = load(lib_path, &err);
     if (!lib) fail(err);
-    qps = std::make_unique<IbvQueuePairs>(*lib, rank, size, names, lost, timeout_s, gid_index);
+    qps = std::make_unique<IbvQueuePairs>(*lib, rank, size, names, lost, gid_index);
     qps->open(devices);
     mine << "ok\n";
     for (int p = 0; p < size; ++p) {

@@ -20,13 +20,12 @@ std::pair<bool, std::string> available(const std::string& lib_path = "libibverbs
 // rows). Every rank calls exchange exactly twice (addresses, then a barrier once its queue pairs
 // are ready to send), also after a local failure, so that a failure on any rank throws DistError
 // on all of them. lost names peers whose control connection closed (poll checks those it waits
-// on); timeout_s is quoted in time-out messages. gid_index >= 0 overrides the RoCE GID
+// on). gid_index >= 0 overrides the RoCE GID
 // (MLXDIST_IBV_GID_INDEX).
 std::unique_ptr<verbs::QueuePairs> connect(int rank, int size,
                                            const std::vector<std::string>& devices,
                                            const AllGather& exchange,
-                                           PeerNames names, LostPeers lost,
-                                           double timeout_s, int gid_index,
+                                           PeerNames names, LostPeers lost, int gid_index,
                                            const std::string& lib_path = "libibverbs.so.1");
 
 }  // namespace mlxdist::ibverbs

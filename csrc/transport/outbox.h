@@ -37,7 +37,6 @@ class Outbox : public Links {
   void progress(Clock::duration wait);
   // Until every pending send is delivered to the transport (same errors).
   void flush();
-  Links& inner() { return *inner_; }
 
  private:
   struct Pending {

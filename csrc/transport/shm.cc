@@ -423,21 +423,18 @@ void ShmLinks::run(std::vector<Transfer>& transfers, Deadline deadline) {
             size_t at = first;
             if (cut) {
               char element[64];
-              std::memcpy(element, data + pos + whole, cut);
-              std::memcpy(element + cut, data, s.grain - cut);
+              ring_copy_out(data, ring_bytes_, pos + whole, element, s.grain);
               s.combine(p + whole, element, s.grain);
               at = whole + s.grain;
             }
             if (n > at) s.combine(p + at, data + (at - first), n - at);
           } else {
-            std::memcpy(p, data + pos, first);
-            std::memcpy(p + first, data, n - first);
+            ring_copy_out(data, ring_bytes_, pos, p, n);
           }
           r->tail.store(tail + n, std::memory_order_release);
           mailbox(peer)->ring();  // the sender may be waiting for space
         } else {
-          std::memcpy(data + pos, p, first);
-          std::memcpy(data, p + first, n - first);
+          ring_copy_in(data, ring_bytes_, pos, p, n);
           r->head.store(head + n, std::memory_order_release);
           mailbox(peer)->ring();  // the receiver may be waiting for data
         }

@@ -46,9 +46,9 @@ size_t arena_offset(int n) {
 }  // namespace
 
 ShmQueuePairs::ShmQueuePairs(int me, int n, size_t arena_bytes, const AllGather& exchange,
-                             PeerNames names, LostPeers lost, double timeout_s)
+                             PeerNames names, LostPeers lost)
     : names_(std::move(names)), lost_(std::move(lost)), me_(me), n_(n), arena_bytes_(round_up(arena_bytes, kPage)),
-      timeout_s_(timeout_s), sends_(n), recv_ids_(n) {
+      sends_(n), recv_ids_(n) {
   auto shared = share_segments(me, n, arena_offset(n) + arena_bytes_, exchange,
                                [this](int p) { return describe_peer(p); });
   if (!shared.why.empty()) fail("shared memory is not usable: ", shared.why);

@@ -19,7 +19,7 @@ class ShmQueuePairs : public verbs::QueuePairs {
   // Creates this rank's segment (arena_bytes of registrable memory), publishes its name with
   // exchange and maps every peer's. Throws (on every rank) when one cannot.
   ShmQueuePairs(int me, int n, size_t arena_bytes, const AllGather& exchange,
-                PeerNames names, LostPeers lost, double timeout_s);
+                PeerNames names, LostPeers lost);
   ~ShmQueuePairs() override;
 
   verbs::Buffer allocate(size_t bytes) override;
@@ -49,7 +49,6 @@ class ShmQueuePairs : public verbs::QueuePairs {
   LostPeers lost_;
   int me_, n_;
   size_t arena_bytes_, arena_used_ = 0;
-  double timeout_s_;
   std::vector<std::unique_ptr<Mapping>> segments_;
   std::vector<std::deque<PendingSend>> sends_;  // per peer, waiting for its posted receives
   std::vector<std::deque<uint64_t>> recv_ids_;  // per peer, posted receives not yet completed

@@ -43,15 +43,11 @@ def _unpickled(data, op: str, peer: int):
         raise DistributedError(f"{op}: what rank {peer} sent does not unpickle: {e}") from None
 
 
-def _peer(g: Group, peer, op: str, role: str) -> int:
-    return _ops._peer(g, peer, op, role)
-
-
 def send_object(obj, dst: int, *, group: Group | None = None) -> None:
     """Send a picklable Python object to rank dst (its length, then its bytes)."""
     _host_only("send_object", "send")
     g = resolve(group, "send_object")
-    dst = _peer(g, dst, "send_object", "destination")
+    dst = _ops._peer(g, dst, "send_object", "destination")
     data, why = _pickled(obj, "send_object")
     _ops.send(_length(data), dst, group=g)
     if data is None:
@@ -63,7 +59,7 @@ def recv_object(src: int, *, group: Group | None = None):
     """The object rank src passed to send_object."""
     _host_only("recv_object", "recv")
     g = resolve(group, "recv_object")
-    src = _peer(g, src, "recv_object", "source")
+    src = _ops._peer(g, src, "recv_object", "source")
     size = int(_ops.recv((1,), np.int64, src, group=g)[0])
     if size < 0:
         raise _failed_at("recv_object", src)
@@ -74,9 +70,7 @@ def broadcast_object(obj, root: int = 0, *, group: Group | None = None):
     """root's obj on every rank (the others' obj is ignored): a config, a seed, file names."""
     _host_only("broadcast_object", "all_gather or send/recv")
     g = resolve(group, "broadcast_object")
-    if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < g.size():
-        raise DistributedError(f"broadcast_object: root must be a rank of the group (0 to "
-                               f"{g.size() - 1}), got {root!r}")
+    root = _ops._root(g, root, "broadcast_object")
     if g.size() == 1:
         return obj
     if g.rank() == root:
@@ -90,7 +84,7 @@ def broadcast_object(obj, root: int = 0, *, group: Group | None = None):
             raise DistributedError(why)
         return obj
     try:
-        return recv_object(int(root), group=g)
+        return recv_object(root, group=g)
     except DistributedError as e:
         raise DistributedError(str(e).replace("recv_object", "broadcast_object", 1)) from None
 
