@@ -11,7 +11,12 @@ except ImportError as e:  # the sources on sys.path (PYTHONPATH=src, say) rather
         "installed package.") from e
 
 from jax_mlxdist._dispatch import jit
-from jax_mlxdist._errors import DistributedError, is_distributed_error
+from jax_mlxdist._errors import (
+    DistributedError,
+    DistributedTypeError,
+    DistributedValueError,
+    is_distributed_error,
+)
 from jax_mlxdist._group import Group, init, is_available
 from jax_mlxdist._objects import all_gather_object, broadcast_object, recv_object, send_object
 from jax_mlxdist._ops import (
@@ -36,7 +41,7 @@ from jax_mlxdist._ops import (
 )
 
 __all__ = [
-    "DistributedError", "Group", "all_gather", "all_gather_object", "all_max", "all_mean", "all_min",
+    "DistributedError", "DistributedTypeError", "DistributedValueError", "Group", "all_gather", "all_gather_object", "all_max", "all_mean", "all_min",
     "all_prod", "all_reduce", "all_sum", "all_to_all", "barrier", "broadcast", "broadcast_object", "gather", "init",
     "is_available", "is_distributed_error", "jit", "recv", "recv_like", "recv_object", "reduce",
     "scatter", "send", "send_object", "sendrecv", "sum_scatter",

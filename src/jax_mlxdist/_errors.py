@@ -15,6 +15,18 @@ class DistributedError(jax.errors.JaxRuntimeError):
     """
 
 
+class DistributedValueError(DistributedError, ValueError):
+    """A bad argument value (a rank out of range, an unknown op, shapes that cannot work).
+
+    Both a DistributedError and the ValueError MLX and JAX raise for it, so code written
+    ``except ValueError`` (for MLX) and ``except dist.DistributedError`` both catch it."""
+
+
+class DistributedTypeError(DistributedError, TypeError):
+    """An argument of the wrong type (a group that is not a Group, a dtype the op does not
+    take); both a DistributedError and a TypeError."""
+
+
 def is_distributed_error(exc: BaseException) -> bool:
     """True for DistributedError and for JAX runtime errors carrying one from a jitted program."""
     return isinstance(exc, DistributedError) or _MARK in str(exc)
