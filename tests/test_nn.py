@@ -99,28 +99,40 @@ def test_layers_match_the_unsharded_model(group, rank, size):
 
     # Quantized layers against the dequantized model: every bits/group_size on 2 ranks, two
     # of them on 4 (each pair costs compilations on every rank).
-    combos = [(b, gs) for b in (4, 8) for gs in (32, 64, 128)] if size == 2 else [(4, 128), (8, 32)]
-    for bits, group_size in combos:
-        check_quantized(group, rank, size, bits, group_size)
+    # Every affine width (group sizes in turn) and the three fp modes on 2 ranks; on 4, a few.
+    affine = [("affine", b, (32, 64, 128)[i % 3]) for i, b in enumerate((1, 2, 3, 4, 5, 6, 8))]
+    fp = [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)]
+    combos = affine + fp if size == 2 else [("affine", 3, 32), ("affine", 4, 128), ("nvfp4", 4, 16)]
+    for mode, bits, group_size in combos:
+        check_quantized(group, rank, size, mode, bits, group_size)
 
 
-def check_quantized(group, rank, size, bits, group_size):
+def check_quantized(group, rank, size, mode, bits, group_size):
     import jax
     import jax.numpy as jnp
     from jax_mlxdist import nn
-    in_dims, hidden = group_size * size, group_size * size
+    in_dims, hidden = group_size * size * 2, group_size * size
     first, second = full_layer(3, hidden, in_dims), full_layer(4, 6, hidden)
-    q1 = nn.quantized_linear(first["weight"], first["bias"], group_size=group_size, bits=bits)
-    q2 = nn.quantized_linear(second["weight"], second["bias"], group_size=group_size, bits=bits)
+    q1 = nn.quantized_linear(first["weight"], first["bias"], group_size=group_size, bits=bits, mode=mode)
+    q2 = nn.quantized_linear(second["weight"], second["bias"], group_size=group_size, bits=bits, mode=mode)
     assert q1["weight"].dtype == jnp.uint32 and q1["weight"].shape == (hidden, in_dims * bits // 32)
-    w1 = nn.dequantize(q1["weight"], q1["scales"], q1["biases"], group_size, bits)
-    w2 = nn.dequantize(q2["weight"], q2["scales"], q2["biases"], group_size, bits)
-    # Affine quantization: every weight within half a step of its group's grid.
-    step = np.repeat(np.asarray(q1["scales"]), group_size, axis=1)
-    assert np.all(np.abs(np.asarray(w1) - np.asarray(first["weight"])) <= step / 2 + 1e-5)
+    assert (q1["biases"] is None) == (mode != "affine") and q1["mode"] == mode
+    w1 = nn.dequantize(q1["weight"], q1["scales"], q1["biases"], group_size, bits, mode, dtype=jnp.float32)
+    w2 = nn.dequantize(q2["weight"], q2["scales"], q2["biases"], group_size, bits, mode, dtype=jnp.float32)
+    err = np.abs(np.asarray(w1) - np.asarray(first["weight"]))
+    if mode == "affine":  # every weight on the nearest point of its group's grid
+        rep = lambda a: np.repeat(np.asarray(a, np.float32), group_size, axis=1)[..., None]
+        grid = rep(q1["biases"]) + rep(q1["scales"]) * np.arange(2**bits)
+        nearest = np.min(np.abs(grid - np.asarray(first["weight"])[..., None]), axis=-1)
+        assert np.all(err <= nearest + 1e-5), (mode, bits, group_size)
+    else:  # a float format: within its relative precision of the group's largest weight
+        top = np.repeat(np.abs(np.asarray(first["weight"])).reshape(hidden, -1, group_size).max(-1),
+                        group_size, axis=1)
+        assert np.all(err <= top * (0.25 if bits == 4 else 0.07)), (mode, np.max(err / top))
     a = nn.shard_linear(q1, "all-to-sharded", group=group)
     b = nn.shard_linear(q2, "sharded-to-all", group=group)
     assert type(a) is nn.QuantizedAllToShardedLinear and type(b) is nn.QuantizedShardedToAllLinear
+    assert a.mode == b.mode == mode and (a.biases is None) == (mode != "affine")
     x = normal(5, 2, in_dims)
     ref = lambda x: jnp.sum(jnp.tanh(jnp.tanh(x @ w1.T + q1["bias"]) @ w2.T + q2["bias"]) ** 2)
     mine = lambda x: jnp.sum(jnp.tanh(b(jnp.tanh(a(x)))) ** 2)

@@ -11,13 +11,8 @@ from jax_mlxdist.nn._linear import (
     all_to_sharded_linear,
     sharded_to_all_linear,
 )
-from jax_mlxdist.nn._quantized import (
-    QuantizedAllToShardedLinear,
-    QuantizedShardedToAllLinear,
-    dequantize,
-    quantize,
-    quantized_linear,
-)
+from jax_mlxdist.nn._quantize import dequantize, quantize
+from jax_mlxdist.nn._quantized import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear, quantized_linear
 from jax_mlxdist.nn._shard_linear import shard_linear
 from jax_mlxdist.nn._sharding import shard_inplace
 
