@@ -79,11 +79,98 @@ def test_bad_arguments_raise_and_leave_the_group_working():
                 assert value is not None, name
         assert "32 bits" in errors["split color 2**31"]
         assert "must be ints" in errors["split str color"]
-        assert "invalid destination rank 2" in errors["send numpy dst out of range"]
+        assert "Invalid destination=2 for rank" in errors["send numpy dst out of range"]
         assert "shape must be a tuple of ints" in errors["recv fractional shape"]
-        assert "divisible by the group size 2" in errors["sum_scatter 3 over 2"]
+        assert "Invalid shape=(3,) for a group of size 2" in errors["sum_scatter 3 over 2"]
         assert sub_rank == 1 - rank
         assert empty_shape == (0, 3)
+
+
+def body_argument_error_types():
+    import jax
+    import jax.numpy as jnp
+    import jax_mlxdist as dist
+    from jax_mlxdist import nn
+    g = dist.init()
+    one, peer = jnp.float32(1), 1 - g.rank()
+    layer = {"weight": jnp.ones((4, 4))}
+    # name: (the call, the type MLX and JAX raise for the mistake, the op the message names)
+    cases = {
+        "send dst out of range": (lambda: dist.send(one, 2), ValueError, "send"),
+        "send to itself": (lambda: dist.send(one, g.rank()), ValueError, "send"),
+        "send str dst": (lambda: dist.send(one, "1"), TypeError, "send"),
+        "recv negative src": (lambda: dist.recv((1,), jnp.float32, -1), ValueError, "recv"),
+        "recv_like src out of range": (lambda: dist.recv_like(one, 5), ValueError, "recv"),
+        "recv bad dtype": (lambda: dist.recv((1,), "not a dtype", peer), TypeError, "recv"),
+        "sendrecv bad src": (lambda: dist.sendrecv(one, peer, 7), ValueError, "sendrecv"),
+        "all_reduce unknown op": (lambda: dist.all_reduce(one, op="mean"), ValueError, "all_reduce"),
+        "bitwise op on floats": (lambda: dist.all_reduce(one, op="xor"), TypeError, "all_reduce"),
+        "bitwise op on floats, jitted": (
+            lambda: jax.jit(lambda x: dist.all_reduce(x, op="and"))(one), TypeError, "all_reduce"),
+        "all_mean of ints": (lambda: dist.all_mean(jnp.ones(2, jnp.int32)), TypeError, "all_mean"),
+        "unsupported input": (lambda: dist.all_sum("text"), TypeError, "all_sum"),
+        "sum_scatter indivisible": (lambda: dist.sum_scatter(jnp.ones(3)), ValueError, "sum_scatter"),
+        "all_to_all indivisible": (lambda: dist.all_to_all(jnp.ones(3)), ValueError, "all_to_all"),
+        "all_to_all split sizes not adding up": (
+            lambda: dist.all_to_all(jnp.ones(4), split_sizes=[1, 2], recv_sizes=[1, 3]),
+            ValueError, "all_to_all"),
+        "all_to_all one size per rank": (
+            lambda: dist.all_to_all(jnp.ones(4), split_sizes=[4], recv_sizes=[4]),
+            ValueError, "all_to_all"),
+        "all_to_all float split sizes": (
+            lambda: dist.all_to_all(jnp.ones(4), split_sizes=[2.0, 2.0], recv_sizes=[2, 2]),
+            TypeError, "all_to_all"),
+        "broadcast root out of range": (lambda: dist.broadcast(one, root=2), ValueError, "broadcast"),
+        "reduce str root": (lambda: dist.reduce(one, root="0"), TypeError, "reduce"),
+        "scatter indivisible": (lambda: dist.scatter(jnp.ones(3), root=g.rank()), ValueError,
+                                "scatter"),
+        "split str color": (lambda: g.split("a"), TypeError, "split"),
+        "split color beyond 32 bits": (lambda: g.split(2**31), ValueError, "split"),
+        "init unknown backend": (lambda: dist.init(backend="nope"), ValueError, "init"),
+        "is_available unknown backend": (lambda: dist.is_available("nope"), ValueError,
+                                         "is_available"),
+        "group not a Group": (lambda: dist.all_sum(one, group="world"), TypeError, "all_sum"),
+        "nn group not a Group": (lambda: nn.average_gradients({"w": one}, group="world"),
+                                 TypeError, "average_gradients"),
+        "shard_linear unknown sharding": (lambda: nn.shard_linear(layer, "rows"), ValueError,
+                                          "shard_linear"),
+        "shard_inplace unknown sharding": (lambda: nn.shard_inplace(layer, "rows"), ValueError,
+                                           "shard_inplace"),
+        "shard_inplace sharding not a function": (lambda: nn.shard_inplace(layer, 5), TypeError,
+                                                  "shard_inplace"),
+        "AllToShardedLinear.create indivisible output": (
+            lambda: nn.AllToShardedLinear.create(jax.random.key(0), 4, 3), ValueError,
+            "AllToShardedLinear"),
+        "ShardedToAllLinear.from_linear indivisible input": (
+            lambda: nn.ShardedToAllLinear.from_linear({"weight": jnp.ones((4, 3))}), ValueError,
+            "ShardedToAllLinear.from_linear"),
+        "fully_shard indivisible": (lambda: nn.fully_shard({"w": jnp.ones((3, 2))}), ValueError,
+                                    "fully_shard"),
+    }
+    out = {}
+    for name, (fn, builtin, op) in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except builtin as e:  # as code written for MLX or JAX catches it
+            out[name] = (isinstance(e, dist.DistributedError), str(e).startswith(f"{op}:"), str(e))
+    return out, float(dist.all_sum(one))
+
+
+def test_argument_errors_are_value_and_type_errors():
+    """An argument error is caught by `except ValueError` (or TypeError), as MLX's and JAX's
+    are, and by `except dist.DistributedError`; it names the op and leaves the group working."""
+    for out, after in run_ranks(body_argument_error_types, 2):
+        for name, caught in out.items():
+            assert caught is not None, f"{name}: no error"
+            is_ours, names_op, text = caught
+            assert is_ours and names_op, (name, text)
+        assert "Invalid destination=2 for rank" in out["send dst out of range"][2]
+        assert "Invalid source=-1 for rank" in out["recv negative src"][2]
+        assert "the only valid values for backend are" in out["init unknown backend"][2]
+        assert "Cannot shard the output of size 3 across 2 devices" in \
+            out["AllToShardedLinear.create indivisible output"][2]
+        assert after == 2.0
 
 
 def body_closed_group():

@@ -18,7 +18,7 @@ import jax
 from jax_mlxdist import _C, _config, _dispatch
 from jax_mlxdist._config import (coordinator_config, default_backend, jaccl_config,
                                  mpi_launched, mpi_library, ring_config)
-from jax_mlxdist._errors import DistributedError
+from jax_mlxdist._errors import DistributedError, DistributedTypeError, DistributedValueError
 
 BACKENDS = ("any", "ring", "mpi", "jaccl", "nccl")
 
@@ -60,10 +60,10 @@ class Group:
         try:
             color, key = operator.index(color), operator.index(key)
         except TypeError:
-            raise DistributedError(
+            raise DistributedTypeError(
                 f"split: color and key must be ints, got {color!r}, {key!r}") from None
         if not -2**31 <= color < 2**31 or not -2**31 <= key < 2**31:
-            raise DistributedError(
+            raise DistributedValueError(
                 f"split: color and key must fit in 32 bits, got {color}, {key}")
         if self._handle is None:
             return Group(None, 0, 1, self._backend)
@@ -143,7 +143,7 @@ def _call(fn, *args):
 
 def is_available(backend: str = "any") -> bool:
     """Whether a backend can be used in this process (as ``mx.distributed.is_available``)."""
-    _check_backend(backend)
+    _check_backend(backend, "is_available")
     if backend == "mpi":
         return _C.mpi_available(mpi_library())[0]
     if backend == "nccl":
@@ -157,12 +157,13 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     With no configuration, strict=False gives a size-1 group; strict=True raises.
     """
     global _world
-    _check_backend(backend)
+    _check_backend(backend, "init")
     if _world is not None:
         return _world
     if backend == "any":
         backend = default_backend()
-        _check_backend(backend)
+        if backend not in BACKENDS:  # the environment's mistake, not the caller's
+            raise DistributedError(f"init: MLXDIST_BACKEND={backend!r}: expected one of {BACKENDS}")
     if backend == "jaccl":
         _world = _join_jaccl(strict)
         _tell_launcher()
@@ -300,14 +301,17 @@ def resolve(group: Group | None, op: str) -> Group:
     if group is None:
         return default_group()
     if not isinstance(group, Group):
-        raise DistributedError(f"{op}: group must be a jax_mlxdist Group, got {type(group).__name__}")
+        raise DistributedTypeError(
+            f"{op}: group must be a jax_mlxdist Group, got {type(group).__name__}")
     group._check_open(op)
     return group
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str, op: str) -> None:
     if backend not in BACKENDS:
-        raise DistributedError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise DistributedValueError(
+            f"{op}: unknown backend {backend!r}; the only valid values for backend are "
+            f"{', '.join(repr(b) for b in BACKENDS)}")
 
 
 @atexit.register

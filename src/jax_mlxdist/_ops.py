@@ -16,7 +16,7 @@ import numpy as np
 from jax._src import core as jax_core
 
 from jax_mlxdist import _primitives as P
-from jax_mlxdist._errors import DistributedError, raise_translated
+from jax_mlxdist._errors import DistributedTypeError, DistributedValueError, raise_translated
 from jax_mlxdist._group import Group, resolve
 
 SUPPORTED_DTYPES = frozenset(np.dtype(d) for d in (
@@ -38,10 +38,11 @@ def _array(x, op: str) -> jax.Array:
     try:
         x = jnp.asarray(x)
     except TypeError as e:
-        raise DistributedError(f"{op}: expected an array, got {type(x).__name__}: {e}") from None
+        raise DistributedTypeError(
+            f"{op}: expected an array, got {type(x).__name__}: {e}") from None
     if x.dtype not in SUPPORTED_DTYPES:
-        raise DistributedError(f"{op}: dtype {x.dtype} is not supported; supported: "
-                               f"{sorted(str(d) for d in SUPPORTED_DTYPES)}")
+        raise DistributedTypeError(f"{op}: dtype {x.dtype} is not supported; supported: "
+                                   f"{sorted(str(d) for d in SUPPORTED_DTYPES)}")
     return x
 
 
@@ -134,17 +135,17 @@ VJP_MODES = ("identity", "all_sum")
 
 def _check_op(x, op: str, name: str) -> None:
     if op not in P.REDUCE:
-        raise DistributedError(f"{name}: op must be one of {list(P.REDUCE)}, got {op!r}")
+        raise DistributedValueError(f"{name}: op must be one of {list(P.REDUCE)}, got {op!r}")
     if op in BITWISE and not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_):
-        raise DistributedError(f"{name}: op={op!r} is bitwise: integer or bool arrays only, "
-                               f"got {x.dtype}")
+        raise DistributedTypeError(f"{name}: op={op!r} is bitwise: integer or bool arrays only, "
+                                   f"got {x.dtype}")
 
 
 def _reduce(x, group: Group | None, op: str, vjp: str = "identity", name: str = ""):
     name = name or f"all_{op}"
     g = _resolve(group, name)
     if vjp not in VJP_MODES:
-        raise DistributedError(f"{name}: vjp must be one of {VJP_MODES}, got {vjp!r}")
+        raise DistributedValueError(f"{name}: vjp must be one of {VJP_MODES}, got {vjp!r}")
     if _is_tree(x):
         return _reduce_tree(x, g, op, vjp, name)
     x = _array(x, name)
@@ -194,7 +195,8 @@ def all_mean(x, *, group: Group | None = None, vjp: str = "identity"):
     leaves = [_array(leaf, "all_mean") for leaf in jax.tree_util.tree_leaves(x)]
     for leaf in leaves:
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            raise DistributedError(f"all_mean: needs floating or complex dtypes, got {leaf.dtype}")
+            raise DistributedTypeError(
+                f"all_mean: needs floating or complex dtypes, got {leaf.dtype}")
     return jax.tree_util.tree_map(lambda s: s / jnp.asarray(g.size(), s.dtype),
                                   all_sum(x, group=group, vjp=vjp))
 
@@ -215,9 +217,9 @@ def sum_scatter(x, *, group: Group | None = None):
     g = _resolve(group, "sum_scatter")
     x = _array(x, "sum_scatter")
     if x.ndim == 0 or x.shape[0] % g.size() != 0:
-        raise DistributedError(
-            f"sum_scatter: the first dimension of the input (shape {x.shape}) must be divisible "
-            f"by the group size {g.size()}")
+        raise DistributedValueError(
+            f"sum_scatter: Invalid shape={x.shape} for a group of size {g.size()}. The first "
+            "dimension (axis 0) must be divisible by the group size")
     if g.size() == 1:
         return x
     return _bind(P.sum_scatter_p, x, group=g._handle, rank=g.rank(), size=g.size())
@@ -225,13 +227,14 @@ def sum_scatter(x, *, group: Group | None = None):
 
 def _peer(g: Group, peer, op: str, role: str) -> int:
     if g.size() == 1:
-        raise DistributedError(f"{op}: cannot {op} on a group of size 1 (no other rank)")
+        raise DistributedValueError(f"{op}: cannot {op} on a singleton group (a group of size 1 "
+                                    "has no other rank)")
     if isinstance(peer, (bool, np.bool_)) or not isinstance(peer, (int, np.integer)):
-        raise DistributedError(f"{op}: {role} must be an int rank, got {peer!r}")
+        raise DistributedTypeError(f"{op}: {role} must be an int rank, got {peer!r}")
     peer = int(peer)
     if not 0 <= peer < g.size() or peer == g.rank():
-        raise DistributedError(f"{op}: invalid {role} rank {peer} for rank {g.rank()} of a group "
-                               f"of size {g.size()}")
+        raise DistributedValueError(f"{op}: Invalid {role}={peer} for rank {g.rank()} of a group "
+                                    f"of size {g.size()}")
     return peer
 
 
@@ -249,17 +252,17 @@ def recv(shape, dtype, src: int, *, group: Group | None = None):
     try:
         dtype = np.dtype(dtype)
     except TypeError:
-        raise DistributedError(f"recv: {dtype!r} is not a dtype") from None
+        raise DistributedTypeError(f"recv: {dtype!r} is not a dtype") from None
     if dtype not in SUPPORTED_DTYPES:
-        raise DistributedError(f"recv: dtype {dtype} is not supported")
+        raise DistributedTypeError(f"recv: dtype {dtype} is not supported")
     try:  # operator.index: 2.5 is not a dimension (int() would quietly make it 2)
         shape = tuple(operator.index(d) for d in (shape if np.iterable(shape) else (shape,)))
     except TypeError:
-        raise DistributedError(f"recv: shape must be a tuple of ints, got {shape!r}") from None
+        raise DistributedTypeError(f"recv: shape must be a tuple of ints, got {shape!r}") from None
     if any(d < 0 for d in shape):
-        raise DistributedError(f"recv: negative dimension in shape {shape}")
+        raise DistributedValueError(f"recv: negative dimension in shape {shape}")
     if int(np.prod(shape, dtype=object)) * dtype.itemsize >= 2**62:
-        raise DistributedError(f"recv: shape {shape} is too large")
+        raise DistributedValueError(f"recv: shape {shape} is too large")
     return recv_like(jnp.zeros(shape, dtype), src, group=group)
 
 
@@ -295,16 +298,16 @@ def sendrecv(x, dst: int, src: int, *, group: Group | None = None, like=None):
 def _sizes(sizes, n: int, rows: int, what: str) -> tuple:
     if sizes is None:
         if rows % n:
-            raise DistributedError(f"all_to_all: the first dimension ({rows}) must be divisible "
-                                   f"by the group size {n}, or give {what}=")
+            raise DistributedValueError(f"all_to_all: the first dimension ({rows}) must be "
+                                        f"divisible by the group size {n}, or give {what}=")
         return (rows // n,) * n
     try:
         sizes = tuple(operator.index(s) for s in sizes)
     except TypeError:
-        raise DistributedError(f"all_to_all: {what} must be ints, got {sizes!r}") from None
+        raise DistributedTypeError(f"all_to_all: {what} must be ints, got {sizes!r}") from None
     if len(sizes) != n or any(s < 0 for s in sizes):
-        raise DistributedError(f"all_to_all: {what} must be {n} sizes >= 0 (one per rank), "
-                               f"got {sizes}")
+        raise DistributedValueError(f"all_to_all: {what} must be {n} sizes >= 0 (one per "
+                                    f"rank), got {sizes}")
     return sizes
 
 
@@ -322,19 +325,21 @@ def all_to_all(x, *, group: Group | None = None, split_sizes=None, recv_sizes=No
     g = _resolve(group, "all_to_all")
     x = _array(x, "all_to_all")
     if x.ndim == 0:
-        raise DistributedError("all_to_all: expected an array with a first dimension, got a scalar")
+        raise DistributedValueError("all_to_all: expected an array with a first dimension, got a "
+                                    "scalar")
     n = g.size()
     if split_sizes is not None and recv_sizes is None:
-        raise DistributedError("all_to_all: split_sizes= needs recv_sizes= (how many rows each "
-                               "rank sends here), as the output's shape must be known while tracing")
+        raise DistributedValueError("all_to_all: split_sizes= needs recv_sizes= (how many rows "
+                                    "each rank sends here), as the output's shape must be known "
+                                    "while tracing")
     send = _sizes(split_sizes, n, x.shape[0], "split_sizes")
     if sum(send) != x.shape[0]:
-        raise DistributedError(f"all_to_all: split_sizes {send} add up to {sum(send)}, but the "
-                               f"first dimension is {x.shape[0]}")
+        raise DistributedValueError(f"all_to_all: split_sizes {send} add up to {sum(send)}, but "
+                                    f"the first dimension is {x.shape[0]}")
     recv = send if recv_sizes is None else _sizes(recv_sizes, n, x.shape[0], "recv_sizes")
     if recv[g.rank()] != send[g.rank()]:
-        raise DistributedError(f"all_to_all: this rank ({g.rank()}) keeps {send[g.rank()]} rows "
-                               f"of its own but recv_sizes expects {recv[g.rank()]}")
+        raise DistributedValueError(f"all_to_all: this rank ({g.rank()}) keeps {send[g.rank()]} "
+                                    f"rows of its own but recv_sizes expects {recv[g.rank()]}")
     if n == 1:
         return x
     return _bind(P.all_to_all_p, x, group=g._handle, send_sizes=send, recv_sizes=recv,
@@ -342,10 +347,11 @@ def all_to_all(x, *, group: Group | None = None, split_sizes=None, recv_sizes=No
 
 
 def _root(g: Group, root, op: str) -> int:
-    if isinstance(root, (bool, np.bool_)) or not isinstance(root, (int, np.integer)) \
-            or not 0 <= root < g.size():
-        raise DistributedError(f"{op}: root must be a rank of the group (0 to {g.size() - 1}), "
-                               f"got {root!r}")
+    if isinstance(root, (bool, np.bool_)) or not isinstance(root, (int, np.integer)):
+        raise DistributedTypeError(f"{op}: root must be an int rank, got {root!r}")
+    if not 0 <= root < g.size():
+        raise DistributedValueError(f"{op}: root must be a rank of the group (0 to "
+                                    f"{g.size() - 1}), got {root!r}")
     return int(root)
 
 
@@ -399,8 +405,9 @@ def scatter(x, root: int = 0, *, group: Group | None = None):
     x = _array(x, "scatter")
     root = _root(g, root, "scatter")
     if g.rank() == root and (x.ndim == 0 or x.shape[0] % g.size() != 0):
-        raise DistributedError(f"scatter: at the root the first dimension of the input (shape "
-                               f"{x.shape}) must be divisible by the group size {g.size()}")
+        raise DistributedValueError(f"scatter: at the root the first dimension of the input "
+                                    f"(shape {x.shape}) must be divisible by the group size "
+                                    f"{g.size()}")
     if g.size() == 1:
         return x
     return _bind(P.scatter_p, x, group=g._handle, root=root, rank=g.rank(), size=g.size())

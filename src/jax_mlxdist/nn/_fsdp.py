@@ -117,10 +117,11 @@ def fully_shard(module, *, group: dist.Group | None = None, compute_dtype=None) 
     for keys, x in with_paths:
         if _sharded(x):
             if x.ndim == 0:
-                raise dist.DistributedError(f"Cannot shard parameter '{_path(keys)}' because it is a scalar.")
+                raise dist.DistributedValueError(f"fully_shard: Cannot shard parameter '{_path(keys)}' because it is a scalar.")
             if x.shape[0] % n:
-                raise dist.DistributedError(f"Cannot shard parameter '{_path(keys)}' with shape {tuple(x.shape)} "
-                                       f"across {n} devices: axis 0 must be divisible by {n}.")
+                raise dist.DistributedValueError(
+                    f"fully_shard: Cannot shard parameter '{_path(keys)}' with shape {tuple(x.shape)} "
+                    f"across {n} devices: axis 0 must be divisible by {n}.")
             x = shard_array(x, 0, 1, g)
         leaves.append(x)
     return FullyShardedModule(leaves, treedef, g, compute_dtype)

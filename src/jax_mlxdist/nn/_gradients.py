@@ -41,7 +41,7 @@ def clip_grad_norm_sharded(grads, max_norm: float, group: dist.Group | None = No
     """Clips gradients that are split over the ranks (each rank holds different parameters, as
     with tensor-parallel or fully sharded layers) by their global norm. Returns (clipped, norm)."""
     if max_norm <= 0:
-        raise dist.DistributedError(f"clip_grad_norm_sharded: max_norm must be positive, got {max_norm}")
+        raise dist.DistributedValueError(f"clip_grad_norm_sharded: max_norm must be positive, got {max_norm}")
     g = group_for(group, "clip_grad_norm_sharded")
     local = sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in jax.tree_util.tree_leaves(grads))
     norm = jnp.sqrt(dist.all_sum(jnp.asarray(local, jnp.float32), group=g))

@@ -36,7 +36,7 @@ def _params_of(linear):
     get = (lambda k: linear.get(k)) if isinstance(linear, dict) else (lambda k: getattr(linear, k, None))
     weight = get("weight")
     if weight is None:
-        raise dist.DistributedError("from_linear: expected a dict or layer with a 'weight' of shape (out, in)")
+        raise dist.DistributedTypeError("from_linear: expected a dict or layer with a 'weight' of shape (out, in)")
     return jnp.asarray(weight), None if get("bias") is None else jnp.asarray(get("bias"))
 
 
@@ -58,7 +58,8 @@ class AllToShardedLinear:
         g = group_for(group, "AllToShardedLinear")
         n = g.size()
         if output_dims % n:
-            raise dist.DistributedError(f"Cannot shard the output of size {output_dims} across {n} devices.")
+            raise dist.DistributedValueError(
+                f"AllToShardedLinear: Cannot shard the output of size {output_dims} across {n} devices.")
         kw, kb = jax.random.split(key)
         return cls(_uniform(kw, (output_dims // n, input_dims), input_dims),
                    _uniform(kb, (output_dims // n,), input_dims) if bias else None, g)
@@ -68,7 +69,9 @@ class AllToShardedLinear:
         g = group_for(group, "AllToShardedLinear.from_linear")
         w, b = _params_of(linear)
         if w.shape[0] % g.size():
-            raise dist.DistributedError(f"Cannot shard the output of size {w.shape[0]} across {g.size()} devices.")
+            raise dist.DistributedValueError(
+                f"AllToShardedLinear.from_linear: Cannot shard the output of size {w.shape[0]} "
+                f"across {g.size()} devices.")
         return cls(shard_array(w, 0, segments, g), None if b is None else shard_array(b, -1, segments, g), g)
 
     def __call__(self, x):
@@ -88,7 +91,8 @@ class ShardedToAllLinear:
         g = group_for(group, "ShardedToAllLinear")
         n = g.size()
         if input_dims % n:
-            raise dist.DistributedError(f"The input of size {input_dims} cannot be sharded across {n} devices.")
+            raise dist.DistributedValueError(
+                f"ShardedToAllLinear: The input of size {input_dims} cannot be sharded across {n} devices.")
         kw, kb = jax.random.split(key)
         return cls(_uniform(kw, (output_dims, input_dims // n), input_dims),
                    _uniform(kb, (output_dims,), input_dims) if bias else None, g)
@@ -98,7 +102,9 @@ class ShardedToAllLinear:
         g = group_for(group, "ShardedToAllLinear.from_linear")
         w, b = _params_of(linear)
         if w.shape[-1] % g.size():
-            raise dist.DistributedError(f"The input of size {w.shape[-1]} cannot be sharded across {g.size()} devices.")
+            raise dist.DistributedValueError(
+                f"ShardedToAllLinear.from_linear: The input of size {w.shape[-1]} cannot be sharded "
+                f"across {g.size()} devices.")
         return cls(shard_array(w, -1, segments, g), b, g)
 
     def __call__(self, x):

@@ -9,7 +9,7 @@ from jax_mlxdist.nn._sharding import _predicate
 
 def shard_linear(module, sharding: str, *, segments=1, group: dist.Group | None = None):
     """A sharded copy of a linear layer (plain or quantized) that communicates as it runs."""
-    _predicate(sharding, segments)
+    _predicate(sharding, segments, "shard_linear")
     quantized = _quantized.is_quantized(module)
     cls = {("all-to-sharded", False): _linear.AllToShardedLinear,
            ("sharded-to-all", False): _linear.ShardedToAllLinear,

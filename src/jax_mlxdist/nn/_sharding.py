@@ -18,7 +18,7 @@ def group_for(group, op: str):
     if group is None:
         return dist.init()
     if not isinstance(group, dist.Group):
-        raise dist.DistributedError(f"{op}: group must be a jax_mlxdist Group, got {type(group).__name__}")
+        raise dist.DistributedTypeError(f"{op}: group must be a jax_mlxdist Group, got {type(group).__name__}")
     return group
 
 
@@ -27,12 +27,12 @@ def _bounds(n: int, segments, axis_name: str) -> list[tuple[int, int]]:
     fractions of the axis (e.g. [0.5, 0.75])."""
     if isinstance(segments, int):
         if segments <= 0 or n % segments:
-            raise dist.DistributedError(f"cannot split {axis_name} of size {n} into {segments} equal segments")
+            raise dist.DistributedValueError(f"cannot split {axis_name} of size {n} into {segments} equal segments")
         cuts = [n // segments * i for i in range(1, segments)]
     else:
         cuts = [s if isinstance(s, int) else int(s * n) for s in segments]
         if any(not 0 <= c <= n for c in cuts) or cuts != sorted(cuts):
-            raise dist.DistributedError(f"cannot split {axis_name} of size {n} at {list(segments)}")
+            raise dist.DistributedValueError(f"cannot split {axis_name} of size {n} at {list(segments)}")
     edges = [0, *cuts, n]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -44,7 +44,7 @@ def shard_array(weight, axis: int, segments, group: dist.Group):
     pieces = []
     for start, stop in _bounds(weight.shape[axis], segments, "an axis"):
         if (stop - start) % n:
-            raise dist.DistributedError(f"Cannot shard an axis of size {stop - start} across {n} devices.")
+            raise dist.DistributedValueError(f"Cannot shard an axis of size {stop - start} across {n} devices.")
         block = (stop - start) // n
         pieces.append((start + r * block, start + (r + 1) * block))
     if isinstance(weight, jax.core.Tracer):  # inside a trace: jnp ops
@@ -55,10 +55,10 @@ def shard_array(weight, axis: int, segments, group: dist.Group):
     return jax.device_put(np.take(np.asarray(weight), idx, axis=axis))
 
 
-def _predicate(sharding: str, segments) -> Callable:
+def _predicate(sharding: str, segments, op: str) -> Callable:
     if sharding not in SHARDINGS:
-        raise dist.DistributedError(f"Sharding type sharding={sharding!r} not supported, choose one "
-                               "of 'all-to-sharded' or 'sharded-to-all'")
+        raise dist.DistributedValueError(f"{op}: Sharding type sharding={sharding!r} not supported, "
+                                         "choose one of 'all-to-sharded' or 'sharded-to-all'")
     if sharding == "all-to-sharded":  # outputs split: weight rows and the bias
         return lambda path, w: (-1, segments) if path.endswith("bias") else (max(w.ndim - 2, 0), segments)
     return lambda path, w: None if path.endswith("bias") else (-1, segments)  # inputs split
@@ -75,7 +75,10 @@ def shard_inplace(params, sharding: str | Callable, *, segments=1, group: dist.G
     (keep), an axis, or (axis, segments); path joins the keys with dots ("layers.0.weight").
     """
     g = group_for(group, "shard_inplace")
-    rule = _predicate(sharding, segments) if isinstance(sharding, str) else sharding
+    if not isinstance(sharding, str) and not callable(sharding):
+        raise dist.DistributedTypeError("shard_inplace: sharding must be 'all-to-sharded', "
+                                        f"'sharded-to-all' or a function, got {sharding!r}")
+    rule = _predicate(sharding, segments, "shard_inplace") if isinstance(sharding, str) else sharding
 
     def shard_leaf(keys, w):
         if not hasattr(w, "shape"):
