@@ -25,6 +25,11 @@ E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5,
 _FP_MAX = {4: 6.0, 8: 448.0}
 
 
+def _shape(shape) -> str:
+    """A shape as MLX writes it: (8,96)."""
+    return "(" + ",".join(str(d) for d in shape) + ")"
+
+
 def params(op: str, mode: str, group_size: int | None, bits: int | None) -> tuple[int, int]:
     """(group_size, bits) for a mode, defaults filled in, checked as MLX checks them."""
     if mode not in MODES:
@@ -53,7 +58,7 @@ def params(op: str, mode: str, group_size: int | None, bits: int | None) -> tupl
 
 def _check_global_scale(op: str, mode: str, global_scale) -> None:
     if global_scale is not None and mode != "nvfp4":
-        raise DistributedValueError(f"[{op}] Global scale is only supported for 'nvfp4' mode.")
+        raise DistributedValueError(f"[{op}] Global scale is only supported for 'nvfp4' quantization mode.")
 
 
 def quantize(w, group_size: int | None = None, bits: int | None = None, mode: str = "affine", *,
@@ -71,7 +76,7 @@ def quantize(w, group_size: int | None = None, bits: int | None = None, mode: st
     if w.shape[-1] % gs:
         raise DistributedValueError(
             "[quantize] The last dimension of the matrix needs to be divisible by the "
-            f"quantization group size {gs}. However the provided matrix has shape {w.shape}")
+            f"quantization group size {gs}. However the provided matrix has shape {_shape(w.shape)}")
     _check_global_scale("quantize", mode, global_scale)
     if mode == "affine":
         return _affine_quantize(w, gs, b)
@@ -97,12 +102,12 @@ def dequantize(w, scales, biases=None, group_size: int | None = None, bits: int 
 
 def check_packed(op: str, mode: str, w, scales, biases, gs: int, bits: int) -> None:
     """MLX's checks of a packed weight against its scales (and biases), with its messages."""
+    if mode != "affine" and scales.dtype != jnp.uint8:
+        raise DistributedValueError(f"[{op}] Scale type must be uint8 but received type {scales.dtype}.")
     if mode == "affine" and biases is None:
         raise DistributedValueError(f"[{op}] Biases must be provided for affine quantization.")
     if mode != "affine" and biases is not None:
-        raise DistributedValueError(f"[{op}] Biases can't be used with '{mode}' quantization.")
-    if mode != "affine" and scales.dtype != jnp.uint8:
-        raise DistributedValueError(f"[{op}] Scale type must be uint8 but received type {scales.dtype}.")
+        raise DistributedValueError(f"[{op}] Biases must be null for quantization mode '{mode}'.")
     if w.dtype != jnp.uint32:
         raise DistributedValueError(f"[{op}] The matrix should be given as a uint32")
     if w.ndim < 2:
@@ -116,8 +121,9 @@ def check_packed(op: str, mode: str, w, scales, biases, gs: int, bits: int) -> N
     if w.shape[-1] * 32 // bits != scales.shape[-1] * gs or (mode == "affine" and shapes[1] != scales.shape):
         raise DistributedValueError(
             f"[{op}] Shape of {what} does not match the matrix given the quantization "
-            f"parameters. Provided matrix of shape {tuple(w.shape)} and {what.replace(' and ', '/')} "
-            f"of shape {tuple(scales.shape)} with group_size={gs} and bits={bits}.")
+            f"parameters. Provided matrix of shape {_shape(w.shape)} and {what.replace(' and ', '/')} "
+            f"of shape {_shape(scales.shape)}"
+            + (f" with group_size={gs} and bits={bits}." if mode == "affine" else "."))
 
 
 def check_weight_type(op: str, w) -> None:
@@ -126,16 +132,10 @@ def check_weight_type(op: str, w) -> None:
                                    f"{getattr(w, 'dtype', type(w).__name__)}")
 
 
-def _const(value, dtype):
-    """A constant XLA may not fold into its neighbours: XLA turns x / c into x * (1 / c), one
-    rounding off MLX's division."""
-    return jax.lax.optimization_barrier(jnp.asarray(value, dtype))
-
-
-def _per_element(group_values, shape):
-    """A per-group value broadcast to every element, kept from XLA's x / broadcast(y) ->
-    x * broadcast(1 / y) rewrite (the same rounding as _const)."""
-    return jax.lax.optimization_barrier(jnp.broadcast_to(group_values[..., None], shape))
+def _divisor(value, shape):
+    """A divisor of the given shape that XLA cannot rewrite: it turns x / broadcast(y) into
+    x * broadcast(1 / y), one rounding off MLX's division (which moves exact ties)."""
+    return jax.lax.optimization_barrier(jnp.broadcast_to(value, shape))
 
 
 # ---- affine ------------------------------------------------------------------------------------
@@ -146,15 +146,17 @@ def _affine_quantize(w, gs: int, bits: int):
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // gs, gs)
     hi = groups.max(-1).astype(jnp.float32)
     lo = groups.min(-1).astype(jnp.float32)
-    # The edge of larger magnitude is represented exactly; 0 stays exact when it is in range.
-    lo_edge = jnp.abs(lo) > jnp.abs(hi)
-    scale = jnp.maximum((hi - lo) / _const(n_bins, jnp.float32), 1e-7)
-    scale = jnp.where(lo_edge, scale, -scale)
-    edge = jnp.where(lo_edge, lo, hi)
-    q0 = jnp.round(edge / scale)
-    scale = jnp.where(q0 != 0, edge / q0, scale)
-    bias = jnp.where(q0 != 0, edge, 0.0)
-    q = jnp.round((groups.astype(jnp.float32) - bias[..., None]) / _per_element(scale, groups.shape))
+    if bits == 1:  # the group's two ends
+        scale, bias = jnp.maximum(hi - lo, 1e-7), lo
+    else:  # the edge of larger magnitude is exact; so is 0 when it is in range
+        lo_edge = jnp.abs(lo) > jnp.abs(hi)
+        scale = jnp.maximum((hi - lo) / _divisor(jnp.float32(n_bins), hi.shape), 1e-7)
+        scale = jnp.where(lo_edge, scale, -scale)
+        edge = jnp.where(lo_edge, lo, hi)
+        q0 = jnp.round(edge / scale)
+        scale = jnp.where(q0 != 0, edge / q0, scale)
+        bias = jnp.where(q0 != 0, edge, 0.0)
+    q = jnp.round((groups.astype(jnp.float32) - bias[..., None]) / _divisor(scale[..., None], groups.shape))
     q = jnp.clip(q, 0, n_bins).astype(jnp.uint32).reshape(w.shape)
     return _pack(q, bits), scale.astype(w.dtype), bias.astype(w.dtype)
 
@@ -213,11 +215,12 @@ def _fp_quantize(w, global_scale, gs: int, bits: int):
     """MLX's CPU reference, step by step in w's dtype (its roundings included)."""
     dt = w.dtype
     groups = w.reshape(-1, gs)
-    scales = jnp.max(jnp.abs(groups), -1, keepdims=True) / _const(_FP_MAX[bits], dt)
+    scales = jnp.max(jnp.abs(groups), -1, keepdims=True)
+    scales = scales / _divisor(jnp.asarray(_FP_MAX[bits], dt), scales.shape)
     if gs == 16:  # nvfp4: E4M3 scales, relative to the global scale when one is given
-        encode = jnp.float32(1.0) if global_scale is None else _const(448.0 * 6.0, jnp.float32) / global_scale
+        encode = jnp.float32(1.0) if global_scale is None else jnp.float32(448.0 * 6.0) / _divisor(global_scale, jnp.shape(global_scale))
         scales = _to_e4m3(scales * encode)
-        wq = (groups / _per_element(_from_e4m3(scales, dt)[..., 0], groups.shape)) * encode
+        wq = (groups / _divisor(_from_e4m3(scales, dt), groups.shape)) * encode
     else:  # E8M0: the power of two at or above the scale, stored as exponent + 127
         mant, exp = jnp.frexp(scales.astype(jnp.float32))
         exp = jnp.where(mant == 0.5, exp - 1, exp)
@@ -242,7 +245,7 @@ def _fp_dequantize(w, scales, global_scale, gs: int, bits: int, dtype):
     if gs == 16:
         scale = _from_e4m3(scales, dtype)
         if global_scale is not None:
-            scale = scale * (global_scale / _const(448.0 * 6.0, jnp.float32)).astype(dtype)
+            scale = scale * (global_scale / _divisor(jnp.float32(448.0 * 6.0), jnp.shape(global_scale))).astype(dtype)
     else:
         scale = jnp.power(jnp.asarray(2.0, dtype), scales.astype(dtype) - jnp.asarray(127, dtype))
     return (values * scale[..., None]).reshape(*w.shape[:-1], -1)
