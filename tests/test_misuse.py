@@ -127,8 +127,6 @@ def body_argument_error_types():
         "split str color": (lambda: g.split("a"), TypeError, "split"),
         "split color beyond 32 bits": (lambda: g.split(2**31), ValueError, "split"),
         "init unknown backend": (lambda: dist.init(backend="nope"), ValueError, "init"),
-        "is_available unknown backend": (lambda: dist.is_available("nope"), ValueError,
-                                         "is_available"),
         "group not a Group": (lambda: dist.all_sum(one, group="world"), TypeError, "all_sum"),
         "nn group not a Group": (lambda: nn.average_gradients({"w": one}, group="world"),
                                  TypeError, "average_gradients"),

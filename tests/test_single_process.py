@@ -44,6 +44,7 @@ def test_strict_init_without_configuration_raises():
 
 def test_availability_and_unknown_backend():
     assert dist.is_available() and dist.is_available("ring") and dist.is_available("jaccl")
+    assert dist.is_available("nope") is False  # as MLX: an unknown backend is not available
     if jax.default_backend() == "cpu":  # NCCL moves CUDA arrays only
         assert not dist.is_available("nccl")
     with pytest.raises(dist.DistributedError, match="unknown backend"):

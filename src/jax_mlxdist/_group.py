@@ -142,8 +142,10 @@ def _call(fn, *args):
 
 
 def is_available(backend: str = "any") -> bool:
-    """Whether a backend can be used in this process (as ``mx.distributed.is_available``)."""
-    _check_backend(backend, "is_available")
+    """Whether a backend can be used in this process (as ``mx.distributed.is_available``: an
+    unknown name is not available)."""
+    if backend not in BACKENDS:
+        return False
     if backend == "mpi":
         return _C.mpi_available(mpi_library())[0]
     if backend == "nccl":

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import jax_mlxdist as dist
 from jax_mlxdist._ops import sum_gradients
-from jax_mlxdist.nn._sharding import group_for, shard_array
+from jax_mlxdist.nn._sharding import check_input, check_output, group_for, shard_array
 
 
 def all_to_sharded_linear(x, weight, bias=None, *, group: dist.Group | None = None):
@@ -57,9 +57,7 @@ class AllToShardedLinear:
                group: dist.Group | None = None) -> "AllToShardedLinear":
         g = group_for(group, "AllToShardedLinear")
         n = g.size()
-        if output_dims % n:
-            raise dist.DistributedValueError(
-                f"AllToShardedLinear: Cannot shard the output of size {output_dims} across {n} devices.")
+        check_output("AllToShardedLinear", output_dims, n)
         kw, kb = jax.random.split(key)
         return cls(_uniform(kw, (output_dims // n, input_dims), input_dims),
                    _uniform(kb, (output_dims // n,), input_dims) if bias else None, g)
@@ -68,10 +66,7 @@ class AllToShardedLinear:
     def from_linear(cls, linear, *, segments=1, group: dist.Group | None = None) -> "AllToShardedLinear":
         g = group_for(group, "AllToShardedLinear.from_linear")
         w, b = _params_of(linear)
-        if w.shape[0] % g.size():
-            raise dist.DistributedValueError(
-                f"AllToShardedLinear.from_linear: Cannot shard the output of size {w.shape[0]} "
-                f"across {g.size()} devices.")
+        check_output("AllToShardedLinear.from_linear", w.shape[0], g.size())
         return cls(shard_array(w, 0, segments, g), None if b is None else shard_array(b, -1, segments, g), g)
 
     def __call__(self, x):
@@ -90,9 +85,7 @@ class ShardedToAllLinear:
                group: dist.Group | None = None) -> "ShardedToAllLinear":
         g = group_for(group, "ShardedToAllLinear")
         n = g.size()
-        if input_dims % n:
-            raise dist.DistributedValueError(
-                f"ShardedToAllLinear: The input of size {input_dims} cannot be sharded across {n} devices.")
+        check_input("ShardedToAllLinear", input_dims, n)
         kw, kb = jax.random.split(key)
         return cls(_uniform(kw, (output_dims, input_dims // n), input_dims),
                    _uniform(kb, (output_dims,), input_dims) if bias else None, g)
@@ -101,10 +94,7 @@ class ShardedToAllLinear:
     def from_linear(cls, linear, *, segments=1, group: dist.Group | None = None) -> "ShardedToAllLinear":
         g = group_for(group, "ShardedToAllLinear.from_linear")
         w, b = _params_of(linear)
-        if w.shape[-1] % g.size():
-            raise dist.DistributedValueError(
-                f"ShardedToAllLinear.from_linear: The input of size {w.shape[-1]} cannot be sharded "
-                f"across {g.size()} devices.")
+        check_input("ShardedToAllLinear.from_linear", w.shape[-1], g.size())
         return cls(shard_array(w, -1, segments, g), b, g)
 
     def __call__(self, x):

@@ -15,7 +15,7 @@ import jax_mlxdist as dist
 from jax_mlxdist._errors import DistributedValueError
 from jax_mlxdist.nn._linear import all_to_sharded_linear, sharded_to_all_linear
 from jax_mlxdist.nn._quantize import check_packed, check_weight_type, dequantize, params, quantize
-from jax_mlxdist.nn._sharding import group_for, shard_array
+from jax_mlxdist.nn._sharding import check_input, check_output, group_for, shard_array
 
 
 def quantized_linear(weight, bias=None, *, group_size: int | None = None, bits: int | None = None,
@@ -55,14 +55,13 @@ def _random(key, shape, input_dims, bias_dims, bias, group_size, bits, mode):
             jnp.zeros((bias_dims,)) if bias else None, gs, b, mode)
 
 
-def _check_input(in_dims: int, group_size: int, n: int, segments=1) -> None:
+def _check_input(op: str, in_dims: int, group_size: int, n: int, segments=1) -> None:
     """A rank's columns (of every segment) must hold whole quantization groups."""
-    if in_dims % n:
-        raise DistributedValueError(f"The input of size {in_dims} cannot be sharded across {n} devices.")
+    check_input(op, in_dims, n)
     parts = segments if isinstance(segments, int) else len(segments) + 1
     if (in_dims // n) % group_size or (isinstance(segments, int) and (in_dims // (n * parts)) % group_size):
-        raise DistributedValueError(f"The input of size {in_dims} cannot be sharded across {n} devices "
-                                    f"in whole quantization groups of {group_size}.")
+        raise DistributedValueError(f"{op}: The input of size {in_dims} cannot be sharded across {n} "
+                                    f"devices in whole quantization groups of {group_size}.")
 
 
 @dataclasses.dataclass
@@ -98,8 +97,7 @@ class QuantizedAllToShardedLinear(_Quantized):
                group: dist.Group | None = None) -> "QuantizedAllToShardedLinear":
         g = group_for(group, "QuantizedAllToShardedLinear")
         n = g.size()
-        if output_dims % n:
-            raise DistributedValueError(f"Cannot shard the output of size {output_dims} across {n} devices.")
+        check_output("QuantizedAllToShardedLinear", output_dims, n)
         return cls(*_random(key, (output_dims // n, input_dims), input_dims, output_dims // n, bias,
                             group_size, bits, mode), g)
 
@@ -107,8 +105,7 @@ class QuantizedAllToShardedLinear(_Quantized):
     def from_quantized_linear(cls, q, *, segments=1, group: dist.Group | None = None):
         g = group_for(group, "QuantizedAllToShardedLinear.from_quantized_linear")
         w, s, b, bias, gs, bits, mode = _fields(q, "QuantizedAllToShardedLinear.from_quantized_linear")
-        if w.shape[0] % g.size():
-            raise DistributedValueError(f"Cannot shard the output of size {w.shape[0]} across {g.size()} devices.")
+        check_output("QuantizedAllToShardedLinear.from_quantized_linear", w.shape[0], g.size())
         rows = lambda a: None if a is None else shard_array(a, 0, segments, g)
         return cls(rows(w), rows(s), rows(b), None if bias is None else shard_array(bias, -1, segments, g),
                    gs, bits, mode, g)
@@ -128,7 +125,7 @@ class QuantizedShardedToAllLinear(_Quantized):
                group: dist.Group | None = None) -> "QuantizedShardedToAllLinear":
         g = group_for(group, "QuantizedShardedToAllLinear")
         gs, _ = params("quantize", mode, group_size, bits)
-        _check_input(input_dims, gs, g.size())
+        _check_input("QuantizedShardedToAllLinear", input_dims, gs, g.size())
         return cls(*_random(key, (output_dims, input_dims // g.size()), input_dims, output_dims, bias,
                             group_size, bits, mode), g)
 
@@ -136,7 +133,8 @@ class QuantizedShardedToAllLinear(_Quantized):
     def from_quantized_linear(cls, q, *, segments=1, group: dist.Group | None = None):
         g = group_for(group, "QuantizedShardedToAllLinear.from_quantized_linear")
         w, s, b, bias, gs, bits, mode = _fields(q, "QuantizedShardedToAllLinear.from_quantized_linear")
-        _check_input(s.shape[-1] * gs, gs, g.size(), segments)
+        _check_input("QuantizedShardedToAllLinear.from_quantized_linear", s.shape[-1] * gs, gs, g.size(),
+                     segments)
         cols = lambda a: None if a is None else shard_array(a, -1, segments, g)  # words and groups alike
         return cls(cols(w), cols(s), cols(b), bias, gs, bits, mode, g)
 

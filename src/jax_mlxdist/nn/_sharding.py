@@ -22,6 +22,18 @@ def group_for(group, op: str):
     return group
 
 
+def check_output(op: str, size: int, n: int) -> None:
+    """An all-to-sharded layer's outputs split evenly over n ranks (MLX's message, op first)."""
+    if size % n:
+        raise dist.DistributedValueError(f"{op}: Cannot shard the output of size {size} across {n} devices.")
+
+
+def check_input(op: str, size: int, n: int) -> None:
+    """A sharded-to-all layer's inputs split evenly over n ranks (MLX's message, op first)."""
+    if size % n:
+        raise dist.DistributedValueError(f"{op}: The input of size {size} cannot be sharded across {n} devices.")
+
+
 def _bounds(n: int, segments, axis_name: str) -> list[tuple[int, int]]:
     """(start, stop) of each segment of an axis of size n; segments as in jnp.split, or
     fractions of the axis (e.g. [0.5, 0.75])."""
