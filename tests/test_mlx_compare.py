@@ -176,3 +176,27 @@ def test_mlx_quantized_layers_sharded_over_ranks_give_mlx_outputs(dtype):
             np.testing.assert_allclose(np.asarray(ya, np.float32), np.asarray(want[:, r * rows:(r + 1) * rows], np.float32),
                                        err_msg=str(what), **tol)
             np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(want, np.float32), err_msg=str(what), **tol)
+
+
+@pytest.mark.parametrize("n, flags", [
+    (2, ()),
+    (3, ("--mode", "affine", "--bits", "3", "--group-size", "32")),
+    (2, ("--mode", "nvfp4")),
+    (2, ("--dtype", "bfloat16", "--mode", "affine", "--bits", "4")),
+])
+def test_example_runs_an_mlx_checkpoint_sharded(tmp_path, n, flags):
+    """examples/mlx_checkpoint: a model saved by MLX, sharded over real ranks, matches MLX's output
+    (the script exits non-zero beyond its tolerance)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from jax_mlxdist.testing import launch
+    here = pathlib.Path(__file__).parent.parent / "examples" / "mlx_checkpoint"
+    dims = ["--dims", "192", "--hidden", "384"] if n == 3 else []
+    saved = subprocess.run([sys.executable, str(here / "save_with_mlx.py"), str(tmp_path), *dims, *flags],
+                           capture_output=True, text=True, timeout=300)
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    out = launch(here / "run_sharded.py", n, "--model", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"on {n} ranks" in out.stdout and "(match," in out.stdout, out.stdout
