@@ -5,7 +5,8 @@
     python benchmarks/compare.py -n 2 4 --sizes 4 64K 1M --plot out.png --json out.json
 
 Implementations (--impls): ours (jax_mlxdist ring, this interpreter, one dist.jit program per
-call), ours-eager (the same op called eagerly: no jit), ours-tokens (dist.jit, but with
+call), ours-eager (the same op called eagerly: no jit), ours-norecorder and
+ours-eager-norecorder (the same with MLXDIST_FLIGHT_RECORDER=0: what the recorder costs), ours-tokens (dist.jit, but with
 MLXDIST_RUNTIME_TOKENS=1: JAX's runtime token per call, as before the fast dispatch), ours-jaccl (our JACCL
 backend; over shared memory here, the ranks sharing the host), ours-jaccl-ring (its ring
 variant, MLX_JACCL_RING=1), ours-mpi-tcp and
@@ -74,6 +75,11 @@ IMPLS = {
                         start="ours", pythonpath="BENCH_BEFORE"),
     "ours-eager": dict(label="ours eager", venv=None, script="ours.py", start="ours",
                        env={"BENCH_DISPATCH": "eager"}),
+    # The flight recorder off (it is on by default): what recording costs, side by side.
+    "ours-norecorder": dict(label="ours, flight recorder off", venv=None, script="ours.py",
+                            start="ours", env={"MLXDIST_FLIGHT_RECORDER": "0"}),
+    "ours-eager-norecorder": dict(label="ours eager, flight recorder off", venv=None, script="ours.py",
+                                  start="ours", env={"BENCH_DISPATCH": "eager", "MLXDIST_FLIGHT_RECORDER": "0"}),
     "ours-tokens": dict(label="ours, JAX's runtime tokens", venv=None, script="ours.py",
                         start="ours", env={"MLXDIST_RUNTIME_TOKENS": "1"}),
     "ours-jaccl": dict(label="ours JACCL", venv=None, script="ours.py", start="ours",

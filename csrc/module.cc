@@ -3,6 +3,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/vector.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/flight_dump.h"
 #include "core/header.h"
 #include "core/registry.h"
 #include "core/settings.h"
@@ -164,6 +166,23 @@ NB_MODULE(_C, m) {
     }
     return add_group(std::move(child));
   });
+
+  // Observability (core/recorder.h): per-op-kind totals, the group's recent ops as JSON, and
+  // every live group's, on request or on SIGUSR1.
+  m.def("group_stats", [](int64_t handle) {
+    std::map<std::string, std::tuple<uint64_t, uint64_t, uint64_t, int64_t, int64_t, int64_t>> out;
+    for (auto& [kind, t] : engine_or_throw(handle)->recorder().totals())
+      out[kind] = {t.ops, t.failed, t.bytes, t.queued_ns, t.waiting_ns, t.moving_ns};
+    return out;
+  });
+  m.def("group_record", [](int64_t handle) {
+    auto e = engine_or_throw(handle);
+    return e->recorder().json(e->group().label());
+  });
+  m.def("flight_record", [](int rank) { return flight_record_json(rank); });
+  m.def("dump_flight_record_on_signal", &dump_flight_record_on_signal);
+  m.def("set_op_log", &set_op_log);
+  m.def("set_recording", &set_recording);
 
   // Returns once the ops queued on the group's engine have run; raises if the group failed.
   m.def("drain", [](int64_t handle) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/header.h"
+#include "core/recorder.h"
 
 namespace mlxdist {
 
@@ -16,7 +17,7 @@ class Calls {
   Calls(uint64_t group, int size) : group_(group), sent_(size_t(size)), received_(size_t(size)) {}
 
   Header collective(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash) {
-    return make_header(group_, op, t, r, nbytes, shape_hash, seq_++);
+    return noted(make_header(group_, op, t, r, nbytes, shape_hash, seq_++));
   }
   Header send(DType t, uint64_t nbytes, uint64_t shape_hash, int dst, int tag) {
     return p2p(t, nbytes, shape_hash, sent_[size_t(dst)]++, tag);
@@ -27,9 +28,10 @@ class Calls {
   // A rooted collective's (broadcast, reduce, gather, scatter): the root rides in the tag and
   // the hash, so ranks that disagree on it fail the header check.
   Header rooted(OpCode op, DType t, ReduceOp r, uint64_t nbytes, uint64_t shape_hash, int root) {
-    Header h = collective(op, t, r, nbytes, shape_hash ^ (uint64_t(root) * 0x9e3779b97f4a7c15ull));
+    Header h = make_header(group_, op, t, r, nbytes,
+                           shape_hash ^ (uint64_t(root) * 0x9e3779b97f4a7c15ull), seq_++);
     h.tag = uint8_t(root);
-    return h;
+    return noted(h);
   }
   // sendrecv's two: a send to dst and a recv from src, each in its own peer's sequence.
   struct Pair {
@@ -48,6 +50,11 @@ class Calls {
   Header p2p(DType t, uint64_t nbytes, uint64_t shape_hash, uint64_t seq, int tag) const {
     Header h = make_header(group_, OpCode::kSend, t, ReduceOp::kSum, nbytes, shape_hash, seq);
     h.tag = uint8_t(tag);
+    return noted(h);
+  }
+  // The running op's flight record takes its first header (core/recorder.h).
+  static Header noted(const Header& h) {
+    Recorder::note_header(h);
     return h;
   }
 

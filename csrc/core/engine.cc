@@ -29,7 +29,7 @@ void Engine::post(std::string what, std::function<void(Group&)> work, Done done)
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      queue_.push_back(Task{std::move(what), std::move(work), std::move(done)});
+      queue_.push_back(Task{std::move(what), std::move(work), std::move(done), now_ns()});
       queued_.fetch_add(1, std::memory_order_release);
       cv_.notify_one();
       return;
@@ -72,7 +72,7 @@ void Engine::in_background(const std::function<void()>& work) {
   try {
     work();
   } catch (const std::exception& e) {
-    failure_ = unreported_ = "send on " + group_->label() + ": " + e.what();
+    failure_ = unreported_ = "send on " + group_->label() + ": " + e.what() + recorder_.context();
     group_->abort(failure_);
   }
 }
@@ -99,6 +99,8 @@ void Engine::loop() {
       queued_.fetch_sub(1, std::memory_order_relaxed);
     }
     std::string error;
+    const bool record = recording();
+    if (record) recorder_.begin(task.what, task.queued_ns);
     if (!failure_.empty()) {
       error = task.what + " on " + group_->label() +
               ": the group is unusable after an earlier error: " + failure_;
@@ -107,11 +109,12 @@ void Engine::loop() {
       try {
         task.work(*group_);
       } catch (const std::exception& e) {
-        error = task.what + " on " + group_->label() + ": " + e.what();
+        error = task.what + " on " + group_->label() + ": " + e.what() + recorder_.context();
         failure_ = error;
         group_->abort(error);
       }
     }
+    if (record) recorder_.end(error.empty(), op_log() ? group_->label() : std::string());
     task.done(error);
   }
   if (failure_.empty() && group_->sending()) in_background([this] { group_->flush_sends(); });

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "core/group.h"
+#include "core/recorder.h"
 
 namespace mlxdist {
 
@@ -37,12 +38,14 @@ class Engine {
   void shutdown();
   // After shutdown: a failure of a send that had already returned, which no op reported.
   const std::string& unreported_failure() const { return unreported_; }
+  const Recorder& recorder() const { return recorder_; }
 
  private:
   struct Task {
     std::string what;
     std::function<void(Group&)> work;
     Done done;
+    int64_t queued_ns = 0;
   };
   void loop();
   // Polls the queue for up to kSpin before sleeping (see engine.cc).
@@ -58,6 +61,7 @@ class Engine {
   bool stopping_ = false;
   std::string failure_;  // engine thread only
   std::string unreported_;  // failure_ when it came from in_background and no op raised it
+  Recorder recorder_;
   std::thread thread_;
 };
 

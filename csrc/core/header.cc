@@ -3,6 +3,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/recorder.h"
 
 namespace mlxdist {
 
@@ -41,6 +42,7 @@ std::string describe(const Header& h) { return describe_as(h, "send/recv"); }
 
 void check_header(const Header& mine, const Header& theirs, const std::string& me,
                   const std::string& peer) {
+  Recorder::note_peer();  // a peer has reached the op: the wait is over
   if (theirs.magic != kHeaderMagic)
     fail("received bytes that are not a jax_mlxdist message from ", peer,
          " (stream out of step after an earlier error, or a foreign peer)");

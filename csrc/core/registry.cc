@@ -28,6 +28,13 @@ std::shared_ptr<Engine> find_engine(int64_t handle) {
   return it == table().end() ? nullptr : it->second;
 }
 
+std::vector<std::shared_ptr<Engine>> live_engines() {
+  std::lock_guard<std::mutex> lock(mu);
+  std::vector<std::shared_ptr<Engine>> out;
+  for (auto& [handle, engine] : table()) out.push_back(engine);
+  return out;
+}
+
 void remove_group(int64_t handle) {
   std::shared_ptr<Engine> engine;
   {

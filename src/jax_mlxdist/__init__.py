@@ -18,6 +18,7 @@ from jax_mlxdist._errors import (
     is_distributed_error,
 )
 from jax_mlxdist._group import Group, init, is_available
+from jax_mlxdist._observe import dump_flight_recorder
 from jax_mlxdist._objects import all_gather_object, broadcast_object, recv_object, send_object
 from jax_mlxdist._ops import (
     all_gather,
@@ -42,7 +43,7 @@ from jax_mlxdist._ops import (
 
 __all__ = [
     "DistributedError", "DistributedTypeError", "DistributedValueError", "Group", "all_gather", "all_gather_object", "all_max", "all_mean", "all_min",
-    "all_prod", "all_reduce", "all_sum", "all_to_all", "barrier", "broadcast", "broadcast_object", "gather", "init",
+    "all_prod", "all_reduce", "all_sum", "all_to_all", "barrier", "broadcast", "broadcast_object", "dump_flight_recorder", "gather", "init",
     "is_available", "is_distributed_error", "jit", "recv", "recv_like", "recv_object", "reduce",
     "scatter", "send", "send_object", "sendrecv", "sum_scatter",
 ]

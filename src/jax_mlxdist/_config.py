@@ -206,6 +206,25 @@ def settings(backend: str) -> Settings:
     return Settings(**common, **plain)
 
 
+def op_log() -> bool:
+    """MLXDIST_DEBUG=1 (or =ops): a line on stderr per op per rank, as it ends."""
+    raw = os.environ.get("MLXDIST_DEBUG", "").strip().lower()
+    if raw not in ("", "0", "1", "ops"):
+        raise DistributedError(f"MLXDIST_DEBUG={raw!r}: expected 1 or ops (or 0)")
+    return raw in ("1", "ops")
+
+
+def flight_recorder() -> bool:
+    """MLXDIST_FLIGHT_RECORDER=0 turns the flight recorder (and Group.stats()) off."""
+    return os.environ.get("MLXDIST_FLIGHT_RECORDER", "1").strip() not in ("0", "off", "false")
+
+
+def flight_dir() -> str:
+    """MLXDIST_FLIGHT_DIR: where SIGUSR1 writes this rank's flight record (rank<r>.json);
+    unset: to stderr. The launcher sets it to collect every rank's record on a failure."""
+    return os.environ.get("MLXDIST_FLIGHT_DIR", "")
+
+
 def runtime_tokens() -> bool:
     """MLXDIST_RUNTIME_TOKENS=1: keep JAX's runtime token per jitted call (see _dispatch.py)."""
     return os.environ.get("MLXDIST_RUNTIME_TOKENS", "") not in ("", "0")

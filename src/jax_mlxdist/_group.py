@@ -15,7 +15,7 @@ import weakref
 
 import jax
 
-from jax_mlxdist import _C, _config, _dispatch
+from jax_mlxdist import _C, _config, _dispatch, _observe
 from jax_mlxdist._config import (coordinator_config, default_backend, jaccl_config,
                                  mpi_launched, mpi_library, ring_config)
 from jax_mlxdist._errors import DistributedError, DistributedTypeError, DistributedValueError
@@ -35,6 +35,7 @@ class Group:
         self._owner: threading.Thread | None = None  # the thread issuing its collectives
         if handle is not None:
             _live.add(self)
+            _observe.set_up(rank if _world is None else _world.rank())
 
     def rank(self) -> int:
         return self._rank
@@ -71,6 +72,15 @@ class Group:
         handle = _call(_C.split, self._handle, color, self._rank if key == -1 else key)
         rank, size = _C.group_info(handle)
         return Group(handle, rank, size, self._backend)
+
+    def stats(self) -> dict:
+        """Per op kind on this rank: {"all_sum": {"ops", "failed", "bytes", "queued_s",
+        "waiting_s", "moving_s"}, ...}; waiting is until the first peer answered."""
+        return _observe.stats(self._handle)
+
+    def flight_record(self) -> list[dict]:
+        """This group's last 256 ops on this rank, oldest first (see dump_flight_recorder)."""
+        return _observe.flight_record(self._handle)
 
     def close(self) -> None:
         """Wait for pending collectives, then release this group's sockets and thread."""

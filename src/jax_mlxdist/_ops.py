@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import core as jax_core
 
+from jax_mlxdist import _observe
 from jax_mlxdist import _primitives as P
 from jax_mlxdist._errors import DistributedTypeError, DistributedValueError, raise_translated
 from jax_mlxdist._group import Group, resolve
@@ -66,7 +67,8 @@ def _bind(prim, *args, **params):
     """Binds prim; eager results are waited for, so failures raise DistributedError here."""
     try:
         if _at_top_level() and not any(isinstance(a, jax.core.Tracer) for a in args):
-            return jax.block_until_ready(_eager(prim, params)(*args))
+            with _observe.span(prim.name, args, params):
+                return jax.block_until_ready(_eager(prim, params)(*args))
         out = prim.bind(*args, **params)
         if any(isinstance(o, jax.core.Tracer) for o in jax.tree_util.tree_leaves(out)):
             return out

@@ -1,7 +1,8 @@
 """`jax-mlxdist launch`: start ranks here or over ssh, with mlx.launch's flags and hostfiles.
 
 Output lines are prefixed with the rank; the exit code is non-zero when any rank fails, and
-one failing rank (or Ctrl-C) stops every other rank, local and remote.
+one failing rank (or Ctrl-C) stops every other rank, local and remote. Before stopping local
+ranks it prints where each one was, from their flight records.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import sys
+import tempfile
 
 from jax_mlxdist._config import timeout
 from jax_mlxdist.launch import hostfile, ranks
 from jax_mlxdist.launch.local import LocalRanks, gpu_env
 
 BACKENDS = ("ring", "any", "nccl", "jaccl")
+RECORD_WAIT_S = 2.0  # how long live ranks get to write their flight records
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,14 +131,23 @@ def main(argv: list[str] | None = None) -> int:
                        verbose=opts.verbose)
     started: list[ranks.Rank] = []
     cleanup = contextlib.ExitStack()
+    local = all(h.local for h in plan.hosts)
+    records = None
+    if local:  # where ranks write their flight records when asked (SIGUSR1)
+        records = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mlxdist-flight-"))
+        extra["MLXDIST_FLIGHT_DIR"] = records
     try:
-        if all(h.local for h in plan.hosts):
+        if local:
             cleanup.enter_context(_start_here(plan, opts, extra, command, out, started))
         else:
             _start_over_ssh(plan, opts, extra, command, out, started)
         failed = ranks.wait_for_first_failure(started)
+        if failed is not None and records:
+            _report_where(started, records, out, failed[0])
     except KeyboardInterrupt:
         out.note("interrupted, stopping all ranks")
+        if records:
+            _report_where(started, records, out, None)
         return 130
     except LaunchError as e:
         out.note(str(e))
@@ -155,6 +168,23 @@ def main(argv: list[str] | None = None) -> int:
 
 class LaunchError(Exception):
     pass
+
+
+def _report_where(started, folder: str, out, failed: int | None) -> None:
+    """Asks every live rank for its flight record (SIGUSR1) and prints where each one is: one
+    line per rank and group (which op, for how long, waiting for peers or moving bytes)."""
+    from jax_mlxdist import _observe
+    live = [r for r in started if r.proc.poll() is None and not r.remote]
+    for r in live:
+        try:
+            os.kill(r.proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    found = _observe.collect(folder, [r.rank for r in live], RECORD_WAIT_S)
+    lines = _observe.summarize(found)
+    if failed is not None:
+        lines.insert(0, f"rank {failed}: exited (code {started[failed].proc.returncode})")
+    out.note("where the ranks are:\n  " + "\n  ".join(lines))
 
 
 def _start_here(plan, opts, extra, command, out, started) -> LocalRanks:
