@@ -67,3 +67,21 @@ def test_magic_keeps_state_interrupts_and_restarts(tmp_path):
     assert "[rank 0] 1" in out[3] and "[rank 1] 11" in out[3]  # state survived the interrupt
     assert "[0, 10]" in out[4]
     assert "[rank 0] False" in out[6] and "[rank 1] False" in out[6]  # restart cleared it
+
+
+def test_timeline_plots_every_ranks_last_ops(tmp_path):
+    nb = cells(
+        "%load_ext jax_mlxdist.notebook",
+        "%%ranks -n 2\nimport jax.numpy as jnp\nimport jax_mlxdist as dist\ng = dist.init()\n"
+        "for _ in range(5):\n    dist.all_sum(jnp.ones(1000))",
+        "%ranks timeline 4",
+        "from jax_mlxdist import notebook\nfig = notebook.cluster().timeline(3)\n"
+        "[t.get_text() for t in fig.axes[0].get_yticklabels()], len(fig.axes[0].collections)",
+        "%ranks close",
+    )
+    client(nb, tmp_path, timeout=120).execute()
+    assert any("image/png" in out.get("data", {}) for out in nb.cells[2].outputs), nb.cells[2].outputs
+    import re
+    found = re.search(r"\(\['rank 0', 'rank 1'\], (\d+)\)", text_of(nb.cells[3]))
+    assert found, text_of(nb.cells[3])
+    assert int(found.group(1)) >= 2 * 3  # at least one bar (waiting or moving) per op per rank

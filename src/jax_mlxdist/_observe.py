@@ -115,3 +115,33 @@ def collect(folder: str, ranks: list[int], timeout: float) -> dict[int, dict | N
         if len(found) == len(ranks) or time.monotonic() >= deadline:
             return {r: found.get(r) for r in ranks}
         time.sleep(0.02)  # polling files the ranks write; bounded by timeout
+
+
+def timeline_figure(records: list[dict], last: int = 30):
+    """Each rank's last ops on its first (world) group as bars on one time axis: queued (grey),
+    waiting for peers (orange, until the first peer answered), moving bytes (blue)."""
+    import matplotlib.pyplot as plt
+    rows = []
+    for record in records:
+        ops = record["groups"][0]["ops"][-last:] if record["groups"] else []
+        rows.append((record["rank"], [op for op in ops if op["done_ns"]]))
+    starts = [op["queued_ns"] for _, ops in rows for op in ops]
+    t0 = min(starts) if starts else 0
+    ms = lambda ns: (ns - t0) / 1e6
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.2))
+    for y, (rank, ops) in enumerate(rows):
+        for op in ops:
+            heard = op["peer_ns"] or op["done_ns"]
+            for a, b, color in ((op["queued_ns"], op["started_ns"], "0.8"),
+                                (op["started_ns"], heard, "tab:orange"),
+                                (heard, op["done_ns"], "tab:blue")):
+                if b > a:
+                    ax.broken_barh([(ms(a), ms(b) - ms(a))], (y - 0.35, 0.7), color=color)
+            ax.text(ms(op["started_ns"]), y + 0.38, op["kind"], fontsize=6, va="bottom")
+    ax.set_yticks(range(len(rows)), [f"rank {rank}" for rank, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(f"last {last} ops per rank: queued (grey), waiting for peers (orange), "
+                 "moving bytes (blue)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -10,7 +10,8 @@
 Or in Python: ``cluster = Cluster(4); cluster.run("x = 1"); cluster.gather("x")``.
 Ranks are persistent processes on this machine: state survives between cells, output is
 streamed with a ``[rank i]`` prefix, the first traceback is shown in full, figures drawn on a
-rank appear in the notebook. ``%ranks interrupt`` / ``restart`` / ``close`` manage them.
+rank appear in the notebook. ``%ranks interrupt`` / ``restart`` / ``close`` manage them;
+``%ranks timeline`` plots every rank's last ops (waiting for peers vs moving bytes).
 """
 
 from __future__ import annotations
@@ -187,6 +188,22 @@ class Cluster:
             code = "unknown"
         return f"(it exited with code {code} during the cell; %ranks restart starts it again)"
 
+    def timeline(self, last: int = 30):
+        """A matplotlib figure of each rank's last ops on its world group (queued, waiting for
+        peers, moving bytes), from the ranks' flight records; shown in the notebook."""
+        from jax_mlxdist._observe import timeline_figure
+        self.run("import jax_mlxdist as _mlxdist\n_mlxdist_record = _mlxdist.dump_flight_recorder()",
+                 quiet=True)
+        figure = timeline_figure(self.gather("_mlxdist_record"), last)
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+            if get_ipython() is not None:
+                display(figure)
+        except ImportError:
+            pass
+        return figure
+
     def gather(self, name: str) -> list:
         """The value of variable `name` on every rank, in rank order."""
         values = []
@@ -261,19 +278,23 @@ def cluster(n: int | None = None) -> Cluster:
 
 
 def ranks_magic(line: str, cell: str | None = None):
-    """%%ranks [-n N]: run the cell on N ranks.  %ranks interrupt|restart|close."""
+    """%%ranks [-n N]: run the cell on N ranks.  %ranks interrupt|restart|close, and
+    %ranks timeline [LAST]: a plot of every rank's last ops."""
     global _current
     args = shlex.split(line)
     if cell is None:
-        if args == ["interrupt"] and _current is not None:
+        if args[:1] == ["timeline"] and _current is not None and len(args) <= 2:
+            _current.timeline(*(int(a) for a in args[1:]))
+        elif args == ["interrupt"] and _current is not None:
             _current.interrupt()
         elif args == ["restart"] and _current is not None:
             _current.restart()
         elif args == ["close"] and _current is not None:
             _current.close()
             _current = None
-        elif args not in (["interrupt"], ["restart"], ["close"]):
-            raise ValueError("usage: %ranks interrupt|restart|close, or %%ranks -n N as a cell magic")
+        elif args[:1] != ["timeline"] and args not in (["interrupt"], ["restart"], ["close"]):
+            raise ValueError("usage: %ranks interrupt|restart|close|timeline [LAST], or %%ranks -n N "
+                             "as a cell magic")
         return None
     n = 2
     if args[:1] in (["-n"], ["--n"]) and len(args) >= 2:
