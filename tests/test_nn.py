@@ -156,9 +156,11 @@ def test_average_gradients_and_clipping(group, rank, size):
 
     mean = jax.tree_util.tree_map(lambda *gs: np.mean([np.asarray(g, np.float32) for g in gs], axis=0),
                                   *[grads(r) for r in range(size)])
-    # Bucket size -> ops: 0 is one all_sum per array; any positive size one pytree all_sum per
-    # dtype (float32, float16, bfloat16), with no concatenation or slicing in the program.
-    for bucket, prim, calls in ((0, "mlxdist_all_reduce[", 5), (64, "mlxdist_all_reduce_many[", 3),
+    # Bucket size -> ops: 0 is one all_sum per array; a positive size fills buckets in leaf
+    # order (a, b[0], b[1], c, d) until they hold that many bytes, each one pytree all_sum with
+    # one op per dtype: 64 bytes gives [a, b[0]] (float32, float16) and [b[1], c, d] (float32,
+    # bfloat16); 32 MiB one bucket (three dtypes). No concatenation or slicing in the program.
+    for bucket, prim, calls in ((0, "mlxdist_all_reduce[", 5), (64, "mlxdist_all_reduce_many[", 4),
                                 (32 * 1024**2, "mlxdist_all_reduce_many[", 3)):
         got = jax.jit(lambda g: nn.average_gradients(g, group=group, all_reduce_size=bucket))(grads(rank))
         fn = lambda g: nn.average_gradients(g, group=group, all_reduce_size=bucket)  # noqa: E731

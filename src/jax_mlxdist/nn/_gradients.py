@@ -11,11 +11,12 @@ from jax_mlxdist.nn._sharding import group_for
 
 def average_gradients(grads, group: dist.Group | None = None, all_reduce_size: int = 32 * 1024**2,
                       communication_type=None):
-    """The mean of every rank's gradients (as MLX), as one pytree all_sum: the small arrays of
-    each dtype travel packed in one op, the large ones one op each, reduced where they lie (no
-    concatenation or slicing in the program). all_reduce_size is MLX's bucket size: 0 or less
-    makes one all_sum per array; any positive value the pytree all_sum. communication_type
-    casts the arrays for the wire (e.g. jnp.bfloat16 to halve the bytes) and back."""
+    """The mean of every rank's gradients (as MLX). all_reduce_size is MLX's bucket size:
+    consecutive arrays (in pytree order) fill a bucket until it holds at least that many bytes,
+    and each bucket is one pytree all_sum (its small arrays of each dtype packed in one op, its
+    large ones one op each, reduced where they lie: no concatenation or slicing in the
+    program); 0 or less makes one all_sum per array. communication_type casts the arrays for
+    the wire (e.g. jnp.bfloat16 to halve the bytes) and back."""
     g = group_for(group, "average_gradients")
     n = g.size()
     if n == 1:
@@ -30,11 +31,23 @@ def average_gradients(grads, group: dist.Group | None = None, all_reduce_size: i
     if all_reduce_size <= 0:
         summed = [dist.all_sum(w, group=g) for w in wire]
     else:
-        summed = dist.all_sum(wire, group=g)
+        summed = [s for bucket in _buckets(wire, all_reduce_size) for s in dist.all_sum(bucket, group=g)]
     out = list(leaves)
     for i, s in zip(moving, summed):
         out[i] = (s.astype(jnp.asarray(leaves[i]).dtype) / n).astype(jnp.asarray(leaves[i]).dtype)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _buckets(arrays, size: int):
+    """Consecutive arrays grouped until a group holds at least size bytes (MLX's grouping)."""
+    out, current, held = [], [], 0
+    for a in arrays:
+        current.append(a)
+        held += a.size * a.dtype.itemsize
+        if held >= size:
+            out.append(current)
+            current, held = [], 0
+    return out + [current] if current else out
 
 
 def clip_grad_norm_sharded(grads, max_norm: float, group: dist.Group | None = None):
