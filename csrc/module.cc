@@ -188,7 +188,7 @@ NB_MODULE(_C, m) {
   m.def("drain", [](int64_t handle) {
     nb::gil_scoped_release release;
     if (auto engine = find_engine(handle))
-      engine->run_sync("waiting for earlier collectives", [](Group&) {});
+      engine->run_sync("drain (waiting for earlier collectives)", [](Group&) {});
   });
 
   // Returns a failure found after its op had returned (a send its receiver never took, NCCL's

@@ -81,6 +81,9 @@ void dump_flight_record_on_signal(const std::string& path, int rank) {
       else if (n < 0 && errno != EINTR) return;
     }
   }).detach();
+  struct sigaction old = {};
+  sigaction(SIGUSR1, nullptr, &old);
+  if (old.sa_handler != SIG_DFL) return;  // the program handles SIGUSR1 itself
   struct sigaction sa = {};
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
