@@ -54,8 +54,9 @@ void write_dump() {
 
 std::string flight_record_json(int rank) {
   std::ostringstream os;
-  os << "{\"rank\": " << rank << ", \"pid\": " << getpid() << ", \"time_ns\": " << now_ns()
-     << ", \"groups\": [";
+  // std::to_string, not `stream << integer` (see recorder.cc).
+  os << "{\"rank\": " << std::to_string(rank) << ", \"pid\": " << std::to_string(getpid())
+     << ", \"time_ns\": " << std::to_string(now_ns()) << ", \"groups\": [";
   bool first = true;
   for (const auto& engine : live_engines()) {
     os << (first ? "" : ", ") << engine->recorder().json(engine->group().label());

@@ -14,12 +14,13 @@ thread_local OpRecord* tl_op = nullptr;
 std::atomic<bool> g_op_log{false};
 std::atomic<bool> g_recording{true};
 
+// Numbers go through std::to_string, never `stream << integer`: a process may load another
+// libstdc++ whose numeric facets our inlined stream code must not call.
 std::string us(int64_t ns) {
-  std::ostringstream os;
-  if (ns >= 10'000'000) os << ns / 1'000'000 << " ms";
-  else os << ns / 1000 << " us";
-  return os.str();
+  return ns >= 10'000'000 ? std::to_string(ns / 1'000'000) + " ms" : std::to_string(ns / 1000) + " us";
 }
+
+std::string num(int64_t v) { return std::to_string(v); }
 
 std::string escaped(const std::string& s) {
   std::string out;
@@ -117,7 +118,7 @@ std::string Recorder::context() const {
   size_t done = ops.size();
   if (last.state == OpRecord::kRunning) {  // the op that failed
     done--;
-    os << "\n  in flight on this rank: op " << last.index << ", " << last.describe() << ", for "
+    os << "\n  in flight on this rank: op " << num(int64_t(last.index)) << ", " << last.describe() << ", for "
        << us(now - last.started_ns)
        << (last.peer_ns ? " (a peer had answered)" : " (waiting: no peer had answered)");
   }
@@ -125,7 +126,7 @@ std::string Recorder::context() const {
   if (done == 0) os << " none";
   for (size_t k = done, shown = 0; k > 0 && shown < 3; --k, ++shown) {
     const OpRecord& r = ops[k - 1];
-    os << "\n    op " << r.index << ", " << r.describe() << ", ended " << us(now - r.done_ns)
+    os << "\n    op " << num(int64_t(r.index)) << ", " << r.describe() << ", ended " << us(now - r.done_ns)
        << " ago" << (r.state == OpRecord::kFailed ? " (failed)" : "");
   }
   return os.str();
@@ -141,12 +142,12 @@ std::string Recorder::json(const std::string& label) const {
   os << "{\"label\": \"" << escaped(label) << "\", \"ops\": [";
   bool first = true;
   for (const OpRecord& r : snapshot()) {
-    os << (first ? "" : ", ") << "{\"index\": " << r.index << ", \"kind\": \"" << escaped(r.kind())
-       << "\", \"what\": \"" << escaped(r.describe()) << "\", \"bytes\": "
-       << (r.has_header ? r.header.nbytes : 0) << ", \"call\": "
-       << (r.has_header ? int64_t(r.header.seq) : -1) << ", \"queued_ns\": " << r.queued_ns
-       << ", \"started_ns\": " << r.started_ns << ", \"peer_ns\": " << r.peer_ns
-       << ", \"done_ns\": " << r.done_ns << ", \"state\": \""
+    os << (first ? "" : ", ") << "{\"index\": " << num(int64_t(r.index)) << ", \"kind\": \""
+       << escaped(r.kind()) << "\", \"what\": \"" << escaped(r.describe()) << "\", \"bytes\": "
+       << num(r.has_header ? int64_t(r.header.nbytes) : 0) << ", \"call\": "
+       << num(r.has_header ? int64_t(r.header.seq) : -1) << ", \"queued_ns\": " << num(r.queued_ns)
+       << ", \"started_ns\": " << num(r.started_ns) << ", \"peer_ns\": " << num(r.peer_ns)
+       << ", \"done_ns\": " << num(r.done_ns) << ", \"state\": \""
        << (r.state == OpRecord::kRunning ? "running" : r.state == OpRecord::kDone ? "done" : "failed")
        << "\"}";
     first = false;
