@@ -24,7 +24,8 @@ def body_cycles(inits, splits):
 
     def our_threads():
         # Ours are named mlxdist-*; JAX's own pools start and stop threads as they please.
-        # One acceptor per process (mlxdist-accept) lives as long as its listening sockets.
+        # One acceptor per process (mlxdist-accept) lives as long as its listening sockets, and
+        # one flight-record writer (mlxdist-dump, for SIGUSR1) as long as the process.
         names = []
         for tid in os.listdir("/proc/self/task"):
             try:
@@ -32,8 +33,9 @@ def body_cycles(inits, splits):
                     names.append(f.read().strip())
             except FileNotFoundError:  # the thread ended while listing
                 pass
-        assert names.count("mlxdist-accept") <= 1, names
-        return sum(name.startswith("mlxdist-") for name in names) - ("mlxdist-accept" in names)
+        per_process = ("mlxdist-accept", "mlxdist-dump")
+        assert all(names.count(name) <= 1 for name in per_process), names
+        return sum(name.startswith("mlxdist-") and name not in per_process for name in names)
 
     def usage():
         with open("/proc/self/statm") as f:
