@@ -71,7 +71,7 @@ def body(here: str, models: dict, prompt: list, steps: int):
 @pytest.fixture(scope="module")
 def ranks(models):
     """results(n): every rank's output of body on n ranks, computed once per n."""
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def results(n):
         return run_ranks(body, n, args=(str(HERE), models, PROMPT, STEPS), timeout=240)
     return results
@@ -147,3 +147,14 @@ def test_logits_match_mlx_lm(models, ranks, n, name):
     ours = ranks(n)[0][name][0]
     assert gap(ours, want) <= TOLERANCE, gap(ours, want)
     assert np.array_equal(ours.argmax(-1), want.argmax(-1))
+
+
+def load_only(here: str, path: str):
+    sys.path.insert(0, here)
+    import load
+    load.load(path)
+
+
+def test_ranks_must_divide_the_key_value_heads(models):
+    with pytest.raises(AssertionError, match="3 ranks must divide the 4 key/value heads"):
+        run_ranks(load_only, 3, args=(str(HERE), models["plain"]), timeout=120)

@@ -24,6 +24,8 @@ JAX_PINS = ["jax==0.10.2", "jaxlib==0.10.2"]
 # venv name -> pip requirement lists, installed in order (one pip call each).
 PEER_VENVS: dict[str, list[list[str]]] = {
     "mlx": [["numpy", "mlx[cpu]==0.32.4"]],
+    # mlx-lm's own models and generation (benchmarks/llm.py); it brings transformers, not torch.
+    "mlx-lm": [["numpy", "mlx[cpu]==0.32.4", "mlx-lm==0.32.2"]],
     "torch": [["numpy", "torch==2.13.0"]],          # this exact version is the CPU wheel here
     "jax": [["numpy", *JAX_PINS]],
     "mpi4jax": [["numpy", *JAX_PINS, "mpi4py==4.1.2"],

@@ -20,7 +20,6 @@ import pathlib
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +38,7 @@ def make_step(c: Config):
     return dist.jit(step, donate_argnums=(1,))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_for(c: Config):
     return make_step(c)
 

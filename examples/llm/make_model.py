@@ -4,6 +4,9 @@ mlx-lm's tensor names) and config.json. Nothing is downloaded.
     python examples/llm/make_model.py DIR [--hidden 768 --layers 12 --heads 12 --kv-heads 4
         --intermediate 2048 --vocab 32000] [--dtype float16] [--quantize affine --bits 4]
 
+The defaults make 100M parameters; --hidden 2048 --layers 16 --heads 32 --kv-heads 8
+--intermediate 8192 makes 1.0B (Llama 3.2 1B's shape with a 32000-token vocabulary).
+
 Quantized models are quantized and saved by MLX itself (mx.quantize, mx.save_safetensors: the
 layout nn.quantize and mlx-lm's convert give), every linear layer and the embedding table, and
 config.json gets mlx-lm's "quantization" entry. Without MLX only plain models can be made
@@ -114,18 +117,18 @@ def main():
     if a.quantize:
         a.group_size = a.group_size or defaults[a.quantize][0]
         a.bits = a.bits or defaults[a.quantize][1]
-    weights = random_weights(a, np.random.default_rng(a.seed))
-    cfg = config(a)
-    a.dir.mkdir(parents=True, exist_ok=True)
     try:
         import mlx.core  # noqa: F401
         have_mlx = True
     except ImportError:
         have_mlx = False
+    if a.quantize and not have_mlx:
+        raise SystemExit("quantized models are made by MLX: pip install 'mlx[cpu]' (or mlx on macOS)")
+    weights = random_weights(a, np.random.default_rng(a.seed))
+    cfg = config(a)
+    a.dir.mkdir(parents=True, exist_ok=True)
     if have_mlx:
         save_with_mlx(a, weights, cfg)
-    elif a.quantize:
-        raise SystemExit("quantized models are made by MLX: pip install 'mlx[cpu]' (or mlx on macOS)")
     else:
         save_with_numpy(a, weights)
     (a.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

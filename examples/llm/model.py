@@ -62,14 +62,14 @@ def rope_frequencies(c: Config) -> jax.Array:
         return inv
     if kind == "linear":
         return inv / s["factor"]
-    if kind == "llama3":  # long wavelengths slowed by `factor`, a smooth ramp between
+    if kind == "llama3":  # long wavelengths slowed down by `factor`, a smooth ramp to the short ones
         factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         old = s.get("original_max_position_embeddings", 8192)
         wavelen = 2 * math.pi / inv
-        smooth = (old / wavelen - low) / (high - low)
-        mid = inv * ((1 - smooth) / factor + smooth)
-        inv2 = jnp.where(wavelen > old / low, inv / factor, inv)
-        return jnp.where((wavelen > old / high) & (wavelen < old / low), mid, inv2)
+        ramp = (old / wavelen - low) / (high - low)
+        scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+        between = (wavelen > old / high) & (wavelen < old / low)
+        return jnp.where(between, inv * ((1 - ramp) / factor + ramp), scaled)
     raise NotImplementedError(f"rope_scaling of type {kind!r}")
 
 
