@@ -34,10 +34,9 @@ def dense(layer: dict, x):
     return x @ w.T.astype(x.dtype) + layer["bias"]
 
 
-def rms_norm(x, weight, eps=1e-5):  # MLX's nn.RMSNorm: in float32, rounded once
+def rms_norm(x, weight, eps=1e-5):  # MLX's nn.RMSNorm: normalized in float32, rounded, scaled
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * weight.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype) * weight
 
 
 def main():
