@@ -85,7 +85,12 @@ def test_interrupt_stops_every_rank(tmp_path):
             assert line, p.stderr.read()
             seen.add(line.split("]")[0])
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=60) == 130
+        try:
+            code = p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise AssertionError(f"the launcher did not stop: {p.communicate()}") from None
+        assert code == 130
         assert "interrupted, stopping all ranks" in p.stderr.read()
     finally:
         p.kill()

@@ -167,9 +167,12 @@ def _under_mpirun(n, worker, tmp, base_env, timeout):
 
 def _wait_all(procs, timeout) -> None:
     deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        running = [p for p in procs if p.poll() is None]  # polled once: one may end meanwhile
+        if not running:
+            return
         try:
-            next(p for p in procs if p.poll() is None).wait(timeout=0.05)
+            running[0].wait(timeout=0.05)
         except subprocess.TimeoutExpired:
             pass
 

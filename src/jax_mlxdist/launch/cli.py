@@ -93,6 +93,9 @@ def console(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`jax-mlxdist launch`."""
+    # Ctrl-C (SIGINT) stops the job even where it was started ignored (a background job of a
+    # script inherits SIGINT ignored, and Python then raises no KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     opts = parser.parse_args(argv)
@@ -147,16 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out.note("interrupted, stopping all ranks")
         if records:
-            _report_where(started, records, out, None)
+            try:
+                _report_where(started, records, out, None)
+            except (KeyboardInterrupt, OSError, ValueError) as e:  # a second Ctrl-C: just stop
+                out.note(f"no summary of where the ranks are ({type(e).__name__})")
         return 130
     except LaunchError as e:
         out.note(str(e))
         return 1
     finally:
         ranks.stop_all(started)
-        for r in started:
+        for r in started:  # their output to its end; bounded, in case a descendant keeps a pipe
             for t in r.pumps:
-                t.join()
+                t.join(timeout=ranks.GRACE_SECONDS)
         cleanup.close()
     if failed is not None:
         r, code = failed
