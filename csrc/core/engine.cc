@@ -29,7 +29,7 @@ void Engine::post(std::string what, std::function<void(Group&)> work, Done done)
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      queue_.push_back(Task{std::move(what), std::move(work), std::move(done), now_ns()});
+      queue_.push_back(Task{std::move(what), std::move(work), std::move(done), recording() ? now_ns() : 0});
       queued_.fetch_add(1, std::memory_order_release);
       cv_.notify_one();
       return;
